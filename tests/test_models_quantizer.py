@@ -1,0 +1,135 @@
+"""The EMA vector quantizer: nearest neighbours, EMA, restarts, straight-through, DDP sync."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from models.quantizer import VectorQuantizerEMA
+from models.vqvae import VQVAE, vqvae_tiny
+
+
+def test_codes_are_true_nearest_neighbours():
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=37, dim=8).eval()
+    z = torch.randn(3, 8, 5, 6)
+    out = vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    expected = torch.cdist(flat, vq.codebook).argmin(1).view(3, 5, 6)
+    assert torch.equal(out.codes, expected)
+    assert torch.allclose(out.quantized, vq.lookup(expected))
+
+
+def test_ema_moves_codes_toward_assigned_vectors():
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=4, dim=2, decay=0.9).train()
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
+    vq.ema_sum.copy_(vq.codebook)
+    target = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [9.0, 9.0]])
+    z = (target[:, :, None, None] + 0.01 * torch.randn(4, 2, 8, 8)).permute(1, 0, 2, 3).reshape(1, 2, 4 * 8, 8)
+    before = (vq.codebook - target).norm(dim=1)
+    for _ in range(30):
+        vq(z)
+    after = (vq.codebook - target).norm(dim=1)
+    assert (after < 0.2 * before).all(), (before, after)
+
+
+def test_eval_mode_leaves_codebook_alone():
+    vq = VectorQuantizerEMA(num_codes=8, dim=4).eval()
+    before = vq.codebook.clone()
+    vq(torch.randn(2, 4, 3, 3))
+    assert torch.equal(vq.codebook, before)
+
+
+def test_dead_codes_are_restarted_from_encoder_outputs():
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=16, dim=4, restart_after=3).train()
+    vq.codebook.zero_()
+    vq.codebook[1:] += 100.0  # only code 0 is ever nearest to the data below
+    vq.ema_sum.copy_(vq.codebook)
+    z = torch.randn(2, 4, 4, 4)
+    for _ in range(2):
+        assert vq(z).usage.item() == pytest.approx(1 / 16)
+    vq(z)  # the third unused step restarts codes 1..15
+    inputs = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    restarted = vq.codebook[1:]
+    assert torch.cdist(restarted, inputs).min(1).values.max() < 1e-3  # every one is an input vector
+    assert (vq.steps_unused == 0).all()
+    assert vq(z).usage.item() > 1 / 16
+
+
+def test_straight_through_gradients_reach_the_encoder():
+    torch.manual_seed(0)
+    encoder = torch.nn.Conv2d(3, 4, 1)
+    vq = VectorQuantizerEMA(num_codes=8, dim=4).train()
+    out = vq(encoder(torch.randn(2, 3, 4, 4)))
+    (out.quantized.sum() + out.commitment_loss).backward()
+    assert encoder.weight.grad is not None and encoder.weight.grad.abs().sum() > 0
+
+
+def test_commitment_loss_is_beta_times_distance():
+    vq = VectorQuantizerEMA(num_codes=8, dim=4, beta=0.25).eval()
+    z = torch.randn(2, 4, 3, 3)
+    out = vq(z)
+    assert out.commitment_loss.item() == pytest.approx(0.25 * F.mse_loss(z, vq.lookup(out.codes)).item(), rel=1e-5)
+
+
+# --- DDP: two gloo processes on CPU ------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    # Quantizer alone: the synchronised EMA must equal one process seeing both ranks' data.
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=32, dim=4, restart_after=0).train()
+    data = [torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+    for _ in range(5):
+        vq(data[rank])
+    # The whole model under DDP, different data per rank, with dead-code restarts.
+    torch.manual_seed(0)
+    model = VQVAE(vqvae_tiny())
+    for q in model.quantizers:
+        q.restart_after = 2
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    opt = torch.optim.Adam(ddp.parameters(), 1e-3)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * 2 - 1
+    for _ in range(6):
+        loss = ddp(images).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(
+        {"vq_codebook": vq.codebook, "model_codebooks": [q.codebook for q in model.quantizers],
+         "steps_unused": [q.steps_unused for q in model.quantizers]},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
+    dist.destroy_process_group()
+
+
+def test_codebooks_identical_across_two_ddp_ranks(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert torch.equal(r0["vq_codebook"], r1["vq_codebook"])
+    for a, b in zip(r0["model_codebooks"], r1["model_codebooks"]):
+        assert torch.equal(a, b)
+    for a, b in zip(r0["steps_unused"], r1["steps_unused"]):
+        assert torch.equal(a, b)
+
+    # Reference: one process, both ranks' data concatenated, same steps.
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=32, dim=4, restart_after=0).train()
+    both = torch.cat([torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(100 + r)) for r in range(2)])
+    for _ in range(5):
+        vq(both)
+    assert torch.allclose(vq.codebook, r0["vq_codebook"], atol=1e-5)
