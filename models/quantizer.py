@@ -48,6 +48,9 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("ema_count", torch.ones(num_codes))  # (K,)
         self.register_buffer("ema_sum", codebook.clone())  # (K, D)
         self.register_buffer("steps_unused", torch.zeros(num_codes, dtype=torch.long))  # (K,)
+        # Set once the codebook has been drawn from the first training batch (saved with the weights).
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._initialized_seen = False  # avoids reading the buffer (a device sync) on every step
 
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codebook entry for each row of flat (N, D)."""
@@ -66,6 +69,10 @@ class VectorQuantizerEMA(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         B, D, H, W = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, D).float()  # distances in fp32 even under autocast
+        if self.training and not self._initialized_seen:
+            if not self.initialized:
+                self._init_from_data(flat.detach())
+            self._initialized_seen = True
         codes = self.nearest_codes(flat)
         counts = torch.zeros(self.num_codes, device=z.device).index_add_(0, codes, torch.ones_like(flat[:, 0]))  # (K,)
         if self.training:
@@ -77,6 +84,18 @@ class VectorQuantizerEMA(nn.Module):
         perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
         usage = (counts > 0).float().mean()
         return QuantizerOutput(quantized, codes.view(B, H, W), commitment_loss, perplexity, usage)
+
+    @torch.no_grad()
+    def _init_from_data(self, flat: torch.Tensor) -> None:
+        """Draw the codebook from encoder outputs, so that no code starts far from the data."""
+        picks = torch.randint(len(flat), (self.num_codes,), device=flat.device)
+        codebook = flat[picks].contiguous()
+        if _distributed():
+            dist.broadcast(codebook, src=0)
+        self.codebook.copy_(codebook)
+        self.ema_sum.copy_(codebook)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def _update_codebook(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ def test_ema_moves_codes_toward_assigned_vectors():
     vq = VectorQuantizerEMA(num_codes=4, dim=2, decay=0.9).train()
     vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
     vq.ema_sum.copy_(vq.codebook)
+    vq.initialized.fill_(True)  # keep the hand-set codebook (no draw from the first batch)
     target = torch.tensor([[1.0, 1.0], [9.0, 1.0], [1.0, 9.0], [9.0, 9.0]])
     z = (target[:, :, None, None] + 0.01 * torch.randn(4, 2, 8, 8)).permute(1, 0, 2, 3).reshape(1, 2, 4 * 8, 8)
     before = (vq.codebook - target).norm(dim=1)
@@ -36,6 +37,21 @@ def test_ema_moves_codes_toward_assigned_vectors():
         vq(z)
     after = (vq.codebook - target).norm(dim=1)
     assert (after < 0.2 * before).all(), (before, after)
+
+
+def test_first_training_batch_initialises_the_codebook():
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=16, dim=4).train()
+    z = 0.01 * torch.randn(2, 4, 4, 4) + 5.0  # far from the N(0, 1) initial codebook
+    out = vq(z)
+    inputs = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.cdist(vq.codebook, inputs).min(1).values.max() < 0.05
+    assert out.usage > 0.25 and bool(vq.initialized)
+    resumed = VectorQuantizerEMA(num_codes=16, dim=4)
+    resumed.load_state_dict(vq.state_dict())  # a resumed model keeps its codebook: no second draw
+    assigned = resumed.train()(z + 1.0).codes.unique()
+    moved = (resumed.codebook - vq.codebook).norm(dim=1) > 1e-4
+    assert set(moved.nonzero().flatten().tolist()) <= set(assigned.tolist())  # only the EMA step moved codes
 
 
 def test_eval_mode_leaves_codebook_alone():
@@ -51,6 +67,7 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     vq.codebook.zero_()
     vq.codebook[1:] += 100.0  # only code 0 is ever nearest to the data below
     vq.ema_sum.copy_(vq.codebook)
+    vq.initialized.fill_(True)
     z = torch.randn(2, 4, 4, 4)
     for _ in range(2):
         assert vq(z).usage.item() == pytest.approx(1 / 16)
@@ -93,6 +110,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
     # Quantizer alone: the synchronised EMA must equal one process seeing both ranks' data.
     torch.manual_seed(0)
     vq = VectorQuantizerEMA(num_codes=32, dim=4, restart_after=0).train()
+    vq.initialized.fill_(True)  # compare the EMA arithmetic alone, from the same random codebook
     data = [torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
     for _ in range(5):
         vq(data[rank])
@@ -129,6 +147,7 @@ def test_codebooks_identical_across_two_ddp_ranks(tmp_path):
     # Reference: one process, both ranks' data concatenated, same steps.
     torch.manual_seed(0)
     vq = VectorQuantizerEMA(num_codes=32, dim=4, restart_after=0).train()
+    vq.initialized.fill_(True)
     both = torch.cat([torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(100 + r)) for r in range(2)])
     for _ in range(5):
         vq(both)
