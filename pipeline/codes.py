@@ -1,0 +1,123 @@
+"""The latent-code tables: Parquet schema, writing, and validated reading into int16 tensors."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.storage import Location
+
+METADATA_KEY = b"vq2.codes"
+MAX_CODEBOOK = 2**15  # codes are stored as int16
+
+
+class CodesSchemaError(ValueError):
+    """A code table whose columns or metadata do not match what the pipeline writes."""
+
+
+def level_names(levels: int) -> list[str]:
+    """Column names of the levels, top first: top, bottom; top, middle, bottom; top, middle1, middle2, bottom."""
+    if levels == 1:
+        return ["top"]
+    if levels == 3:
+        return ["top", "middle", "bottom"]
+    return ["top"] + [f"middle{i}" for i in range(1, levels - 1)] + ["bottom"]
+
+
+@dataclass(frozen=True)
+class CodesLayout:
+    """What a code table holds: each level's grid and codebook size, and the VQ-VAE that made it."""
+
+    grids: tuple[tuple[int, int], ...]  # top first
+    codebook_sizes: tuple[int, ...]
+    vqvae_model: str  # URI of the model file
+    vqvae_fingerprint: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "grids", tuple(tuple(g) for g in self.grids))
+        object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
+        if any(k > MAX_CODEBOOK for k in self.codebook_sizes):
+            raise ValueError(f"codebook sizes {self.codebook_sizes} do not fit int16 codes")
+
+    @property
+    def levels(self) -> list[str]:
+        return level_names(len(self.grids))
+
+    def schema(self, extra: Sequence[pa.Field] = ()) -> pa.Schema:
+        """key, label, one column per level; `extra` columns after them (the sample tables' seed, score...)."""
+        fields = [pa.field("key", pa.string(), nullable=False), pa.field("label", pa.int32(), nullable=False)]
+        fields += [pa.field(name, pa.list_(pa.int16(), h * w), nullable=False) for name, (h, w) in zip(self.levels, self.grids)]
+        return pa.schema(fields + list(extra), metadata={METADATA_KEY: json.dumps(asdict(self)).encode()})
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema, origin: str, extra: Sequence[pa.Field] = ()) -> CodesLayout:
+        """The layout recorded in a table's metadata, after checking every column against it."""
+        raw = (schema.metadata or {}).get(METADATA_KEY)
+        if raw is None:
+            raise CodesSchemaError(f"{origin}: no {METADATA_KEY.decode()} metadata; not a code table written by vq2")
+        try:
+            layout = cls(**json.loads(raw))
+        except (TypeError, ValueError) as error:
+            raise CodesSchemaError(f"{origin}: unreadable {METADATA_KEY.decode()} metadata: {error}") from None
+        expected = layout.schema(extra)
+        for field in expected:
+            if field.name not in schema.names:
+                raise CodesSchemaError(f"{origin}: missing column {field.name!r} (expected {field.type})")
+            found = schema.field(field.name).type
+            if found != field.type:
+                raise CodesSchemaError(f"{origin}: column {field.name!r} is {found}, expected {field.type}")
+        extra = sorted(set(schema.names) - set(expected.names))
+        if extra:
+            raise CodesSchemaError(f"{origin}: unexpected column(s) {', '.join(extra)}; expected {expected.names}")
+        return layout
+
+
+def codes_table(keys: list[str], labels, codes: list[torch.Tensor], layout: CodesLayout,
+                extra: Sequence[tuple[pa.Field, pa.Array]] = ()) -> pa.Table:
+    """One row per image from (B, h, w) code grids, top first, then any `extra` (field, values) columns."""
+    columns = [pa.array(keys, pa.string()), pa.array(np.asarray(labels, dtype=np.int32))]
+    for (h, w), grid in zip(layout.grids, codes):
+        flat = grid.to(torch.int16).reshape(len(keys), h * w).cpu().numpy().reshape(-1)
+        columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.int16()), h * w))
+    columns += [values for _, values in extra]
+    return pa.Table.from_arrays(columns, schema=layout.schema([field for field, _ in extra]))
+
+
+def write_codes(location: Location, table: pa.Table) -> None:
+    """One zstd-compressed Parquet file, written atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    location.write_bytes(buffer.getvalue())
+
+
+def read_codes(location: Location, extra: Sequence[pa.Field] = ()) -> tuple[CodesLayout, pa.Table]:
+    """A code table and its layout; a wrong schema is a CodesSchemaError naming the file and column."""
+    with location.fs.open(location.path, "rb") as stream:
+        table = pq.read_table(stream)
+    return CodesLayout.from_schema(table.schema, location.uri, extra), table
+
+
+def table_tensors(table: pa.Table, layout: CodesLayout) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Labels (N,) int64 and each level's codes (N, h, w) int16, without a per-row Python loop."""
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    codes = []
+    for name, (h, w) in zip(layout.levels, layout.grids):
+        values = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        codes.append(torch.from_numpy(values.reshape(len(table), h, w).copy()))
+    return labels, codes
+
+
+def codes_file_info(location: Location) -> tuple[CodesLayout, int]:
+    """Layout and row count of a code table from its Parquet footer alone (no data pages read);
+    a wrong schema is a CodesSchemaError naming the file and column."""
+    with location.fs.open(location.path, "rb") as stream:
+        parquet = pq.ParquetFile(stream)
+        schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+    return CodesLayout.from_schema(schema, location.uri), rows

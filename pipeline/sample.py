@@ -1,0 +1,240 @@
+"""Stage: class-conditional sampling at scale on a Ray actor pool, scored for classifier-based rejection."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+import webdataset as wds
+from PIL import Image
+
+from models.sampling import sample_codes
+from pipeline.checkpoints import load_model
+from pipeline.codes import CodesLayout, codes_table, read_codes, table_tensors, write_codes
+from pipeline.config import PipelineConfig, SampleConfig
+from pipeline.faults import fault_spec, maybe_inject_fault
+from pipeline.feature_nets import CLASSIFIER, EFFICIENTNET_LITE0, load_feature_net
+from pipeline.figures import image_grid, png_bytes
+from pipeline.progress import Progress
+from pipeline.shard_reader import to_uint8
+from pipeline.storage import Location
+
+NAME = "sample"
+SECTION = "sample"
+FORMAT_VERSION = 1
+UPSTREAM = ("shard", "train_vqvae", "train_prior", "train_classifier")
+
+
+def sample_fields(levels: int) -> list[pa.Field]:
+    """The columns a sample table adds to a code table: how to reproduce the sample, and its score."""
+    return [
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("temperature", pa.list_(pa.float32(), levels), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # classifier probability of the conditioning class
+    ]
+
+
+def sample_seed(base: int, label: int, index: int) -> int:
+    """The seed of sample `index` of class `label`: stable across runs, batch sizes and actor counts."""
+    digest = hashlib.sha256(f"{base}:{label}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def per_level(value, levels: int, key: str) -> list:
+    """A config value given once or once per level, as one per level."""
+    values = value if isinstance(value, list) else [value] * levels
+    if len(values) != levels:
+        raise ValueError(f"sample.{key} has {len(values)} values; the VQ-VAE has {levels} levels")
+    return values
+
+
+def plan(section: SampleConfig, num_classes: int) -> list[dict]:
+    """The batches to sample: each a list of (label, index, seed), one output file pair per batch."""
+    classes = section.classes if section.classes is not None else list(range(num_classes))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"sample.classes {bad} are not class indices of a {num_classes}-class dataset")
+    items = [(label, i, sample_seed(section.seed, label, i)) for label in classes for i in range(section.samples_per_class)]
+    size = section.batch_size
+    return [
+        {"batch": b, "labels": [t[0] for t in chunk], "indices": [t[1] for t in chunk], "seeds": [t[2] for t in chunk]}
+        for b, chunk in enumerate(items[i : i + size] for i in range(0, len(items), size))
+    ]
+
+
+def batch_files(output: Location, batch: int) -> tuple[Location, Location]:
+    """(images tar, codes Parquet) of one batch; the Parquet is written last and marks the batch done."""
+    return output / f"images/batch-{batch:06d}.tar", output / f"codes/batch-{batch:06d}.parquet"
+
+
+class Scorer:
+    """p(class | image) from a classifier: the pipeline's own (train_classifier), EfficientNet-Lite0
+    (for ImageNet classes) or a classifier file at a URI."""
+
+    def __init__(self, classifier: str, model_file: Location, device: torch.device):
+        if classifier == "efficientnet_lite0":
+            self.net = load_feature_net(EFFICIENTNET_LITE0, device=device)
+        else:
+            self.net = load_feature_net(CLASSIFIER, model_file if classifier == "dataset" else classifier, device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        probs = self.net.logits(images).softmax(-1)
+        return probs.gather(1, labels.cpu()[:, None])[:, 0]
+
+
+class SampleActor:
+    """One set of models per actor: priors, VQ-VAE decoder and scorer; one call samples one batch."""
+
+    def __init__(self, models: dict, layout: CodesLayout, classes: list[str], output: Location, section: SampleConfig,
+                 fault: str | None):
+        self.device = torch.device("cuda" if section.use_gpu and torch.cuda.is_available() else "cpu")
+        self.vqvae, _ = load_model(models["vqvae"], "vqvae", self.device)
+        self.priors = [load_model(m, "prior", self.device)[0] for m in models["priors"]]
+        self.scorer = Scorer(section.rejection.classifier, models["classifier"], self.device)
+        self.layout, self.classes, self.output, self.section, self.fault = layout, classes, output, section, fault
+        levels = len(layout.grids)
+        self.temperatures = per_level(section.temperature, levels, "temperature")
+        self.top_ks = per_level(section.top_k, levels, "top_k")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        number = int(batch["batch"][0])
+        maybe_inject_fault(self.fault, NAME, number)
+        labels = torch.as_tensor(np.asarray(batch["labels"][0]), dtype=torch.long)
+        indices, seeds = list(batch["indices"][0]), [int(s) for s in batch["seeds"][0]]
+        codes = sample_codes(self.priors, labels.to(self.device), seeds, self.temperatures, self.top_ks)
+        images = self.vqvae.decode_codes(codes)
+        scores = self.scorer(images, labels)
+        keys = [f"{self.classes[label]}/sample-{index:06d}" for label, index in zip(labels.tolist(), indices)]
+        tar, parquet = batch_files(self.output, number)
+        tar.write_bytes(_tar_bytes(keys, to_uint8(images).cpu(), labels))
+        temperature = pa.FixedSizeListArray.from_arrays(
+            pa.array(np.tile(np.asarray(self.temperatures, np.float32), len(keys))), len(self.temperatures))
+        extra = zip(sample_fields(len(codes)), [pa.array(seeds, pa.int64()), temperature, pa.array(scores.numpy())])
+        write_codes(parquet, codes_table(keys, labels.numpy(), codes, self.layout, list(extra)))
+        return {"batch": np.array([number]), "samples": np.array([len(keys)]),
+                "seconds": np.array([time.perf_counter() - started])}
+
+
+def _tar_bytes(keys: list[str], images: torch.Tensor, labels: torch.Tensor) -> bytes:
+    """A WebDataset tar of PNG samples (lossless, so metrics see exactly what the decoder made)."""
+    stream = io.BytesIO()
+    with wds.TarWriter(stream) as tar:
+        for key, image, label in zip(keys, images, labels.tolist()):
+            png = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(png, "PNG")
+            tar.write({"__key__": key, "png": png.getvalue(), "cls": str(label).encode()})
+    return stream.getvalue()
+
+
+def run_batches(todo: list[dict], actor_args: dict, section: SampleConfig) -> Progress:
+    """Sample the given batches on an actor pool (dead actors are replaced); progress on the console."""
+    progress = Progress("sample batches", len(todo))
+    if not todo:
+        return progress
+    pool = ray.data.from_items(todo).map_batches(
+        SampleActor, fn_constructor_kwargs=actor_args, batch_size=1, concurrency=min(section.num_actors, len(todo)),
+        num_gpus=1 if section.use_gpu else 0,
+        # A dead actor is replaced and its batch retried; finished batches are never redone.
+        max_restarts=3, max_task_retries=3,
+    )
+    for row in pool.iter_rows():
+        progress.advance(1, int(row["samples"]))
+    return progress
+
+
+def accept(scores: np.ndarray, labels: np.ndarray, section: SampleConfig) -> tuple[np.ndarray, dict[int, float]]:
+    """Which samples rejection keeps, and the score threshold of each class."""
+    rejection = section.rejection
+    thresholds = {}
+    for label in np.unique(labels):
+        class_scores = np.sort(scores[labels == label])[::-1]
+        threshold = 0.0
+        if rejection.keep_fraction is not None:
+            keep = max(1, math.ceil(rejection.keep_fraction * len(class_scores)))
+            threshold = float(class_scores[keep - 1])
+        if rejection.threshold is not None:
+            threshold = max(threshold, rejection.threshold)
+        thresholds[int(label)] = threshold
+    limits = np.array([thresholds[int(label)] for label in labels])
+    return scores >= limits, thresholds
+
+
+def read_samples(output: Location, batches: int, levels: int) -> pa.Table:
+    """Every sample row of a complete sample output, in batch order."""
+    tables = [read_codes(batch_files(output, b)[1], sample_fields(levels))[1] for b in range(batches)]
+    return pa.concat_tables(tables)
+
+
+def _grids(table: pa.Table, accepted: np.ndarray, vqvae, layout: CodesLayout, per_row: int) -> tuple[bytes, bytes]:
+    """A row per class of samples; and per class the best accepted row above the worst rejected row."""
+    labels = table.column("label").to_numpy()
+    scores = table.column("score").to_numpy()
+    _, codes = table_tensors(table, layout)
+
+    def decode(rows: np.ndarray) -> torch.Tensor:
+        index = torch.from_numpy(np.ascontiguousarray(rows))
+        return to_uint8(vqvae.decode_codes([c[index].long() for c in codes]))
+
+    samples, split = [], []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        samples.append(decode(rows[:per_row]))
+        by_score = rows[np.argsort(-scores[rows])]
+        kept, dropped = by_score[accepted[by_score]], by_score[~accepted[by_score]][::-1]
+        split.append(decode(kept[:per_row]))
+        split.append(decode(dropped[:per_row]) if len(dropped) else decode(kept[:0]))
+    return png_bytes(image_grid(samples)), png_bytes(image_grid(split))
+
+
+def run(cfg: PipelineConfig, ctx) -> dict:
+    section = cfg.sample
+    classes = ctx.upstream["shard"].manifest["classes"]
+    vqvae_out, prior_out = ctx.upstream["train_vqvae"], ctx.upstream["train_prior"]
+    layout = CodesLayout(**prior_out.manifest["layout"])
+    models = {
+        "vqvae": vqvae_out.location / vqvae_out.manifest["model"],
+        # By level name: manifests are written with sorted keys, so their order is not the levels'.
+        "priors": [prior_out.location / prior_out.manifest["levels"][name]["model"] for name in layout.levels],
+        "classifier": ctx.upstream["train_classifier"].location / ctx.upstream["train_classifier"].manifest["model"],
+    }
+    levels = len(layout.grids)
+    per_level(section.temperature, levels, "temperature")
+    per_level(section.top_k, levels, "top_k")
+    batches = plan(section, len(classes))
+    todo = [b for b in batches if not batch_files(ctx.output, b["batch"])[1].exists()]
+    actor_args = {"models": models, "layout": layout, "classes": classes, "output": ctx.output,
+                  "section": section, "fault": fault_spec()}
+    progress = run_batches(todo, actor_args, section)
+
+    table = read_samples(ctx.output, len(batches), levels)
+    labels, scores = table.column("label").to_numpy(), table.column("score").to_numpy()
+    accepted, thresholds = accept(scores, labels, section)
+    vqvae, _ = load_model(models["vqvae"], "vqvae")
+    samples_png, rejection_png = _grids(table, accepted, vqvae, layout, section.grid_per_class)
+    ctx.tracking.log_bytes(samples_png, "samples.png")
+    ctx.tracking.log_bytes(rejection_png, "rejection_accepted_vs_rejected.png")
+    (ctx.output / "samples.png").write_bytes(samples_png)
+    metrics = {
+        "samples": len(table), "accepted": int(accepted.sum()), "acceptance_rate": float(accepted.mean()),
+        "mean_score": float(scores.mean()), "samples_per_s": progress.rate, "sampled_batches": len(todo),
+    }
+    ctx.tracking.log_metrics(metrics)
+    return {
+        "batches": len(batches),
+        "codes": [batch_files(ctx.output, b["batch"])[1].uri for b in batches],
+        "images": [batch_files(ctx.output, b["batch"])[0].uri for b in batches],
+        "layout": dataclasses.asdict(layout),
+        "classes": classes,
+        "thresholds": {str(k): v for k, v in thresholds.items()},
+        "grid": "samples.png",
+        "metrics": metrics,
+    }

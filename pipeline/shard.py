@@ -1,0 +1,279 @@
+"""The shard stage: an image folder becomes WebDataset tars per split, written by Ray tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import webdataset as wds
+
+from pipeline.config import PipelineConfig
+from pipeline.images import ImageSettings, RejectedImage, process_image
+from pipeline.listing import Entry, Listing, scan
+from pipeline.progress import Progress
+from pipeline.storage import MANIFEST, Location
+
+NAME = "shard"
+SECTION = "dataset"
+FORMAT_VERSION = 1
+UPSTREAM: tuple[str, ...] = ()
+
+CLASSES = "classes.json"
+INDEX = "index.parquet"
+log = logging.getLogger("vq2")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: its inputs in order (key, label, source path) and where it goes."""
+
+    split: str
+    index: int
+    samples: tuple[tuple[str, int, str], ...]
+    source: Location
+    output: Location  # the dataset version folder
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:06d}.tar"
+
+    @property
+    def tar(self) -> Location:
+        return self.output / self.split / self.name
+
+    @property
+    def record(self) -> Location:
+        """Sidecar JSON written after the tar: its existence marks the shard complete (for resume)."""
+        return self.output / self.split / self.name.replace(".tar", ".json")
+
+
+def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
+    """Decode, convert and re-encode every input of a shard into tar bytes; bad inputs are rejected."""
+    stream = io.BytesIO()
+    keys, labels, rejected = [], [], []
+    # mtime fixed so that the same inputs always give the same bytes (checksums stable across reruns).
+    writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
+    try:
+        for key, label, path in task.samples:
+            try:
+                data = (task.source / path).read_bytes(limit=settings.max_file_bytes)
+                jpeg = process_image(data, settings)
+            except RejectedImage as reason:
+                rejected.append({"path": path, "reason": str(reason)})
+                continue
+            except OSError as error:
+                rejected.append({"path": path, "reason": f"unreadable file: {type(error).__name__}: {error}"})
+                continue
+            writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
+            keys.append(key)
+            labels.append(label)
+    finally:
+        writer.close()  # closes the tar stream only; the BytesIO stays readable
+    data = stream.getvalue()
+    record = {
+        "split": task.split,
+        "name": task.name,
+        "inputs": [path for _, _, path in task.samples],
+        "keys": keys,
+        "labels": labels,
+        "samples": len(keys),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "rejected": rejected,
+    }
+    return data, record
+
+
+def write_shard(task: ShardTask, settings: ImageSettings) -> dict:
+    """Build a shard, write the tar atomically, then its record; returns the record."""
+    data, record = build_shard(task, settings)
+    task.tar.write_bytes(data)
+    task.record.write_json(record)
+    return record
+
+
+@ray.remote
+def write_shard_task(task: ShardTask, settings: ImageSettings) -> dict:
+    return write_shard(task, settings)
+
+
+def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], Listing]:
+    """The listing of the source folder: its fingerprint goes into the stage fingerprint."""
+    dataset = cfg.dataset
+    source = Location(dataset.source, cfg.storage.endpoint_url, cfg.storage.region)
+    listing_file = Location(dataset.listing, cfg.storage.endpoint_url, cfg.storage.region) if dataset.listing else None
+    listing = scan(source, dataset.splits, listing_file)
+    return {"listing": listing.fingerprint}, listing
+
+
+def _previous_versions(stage_root: Location, config: dict, own: str) -> list[tuple[dict, Location]]:
+    """Complete earlier versions made with the same settings, newest first."""
+    versions = []
+    for name in stage_root.list_folders():
+        folder = stage_root / name
+        if name != own and (folder / MANIFEST).exists():
+            manifest = (folder / MANIFEST).read_json()
+            if manifest.get("config") == config and manifest.get("format_version") == FORMAT_VERSION:
+                versions.append((manifest, folder))
+    return sorted(versions, key=lambda item: item[0]["created"], reverse=True)
+
+
+def _find_base(ctx, listing: Listing, config: dict) -> tuple[dict, pa.Table] | None:
+    """The newest earlier version whose samples are all still in the listing: its shards are kept."""
+    listed = {(entry.split, entry.key) for entry in listing.entries}
+    for manifest, folder in _previous_versions(ctx.output.parent, config, ctx.fingerprint):
+        index = pq.read_table(io.BytesIO((folder / INDEX).read_bytes()))
+        if all(pair in listed for pair in zip(index["split"].to_pylist(), index["key"].to_pylist(), strict=True)):
+            return manifest, index
+        log.info("shard: version %s has samples no longer listed; not growing from it", manifest["fingerprint"])
+    return None
+
+
+def _plan(listing: Listing, classes: dict[str, int], base, shard_size: int, source: Location, output: Location):
+    """Shard tasks for the entries not already in the base version, numbered after its shards."""
+    done_keys: set[tuple[str, str]] = set()
+    done_paths: set[str] = set()
+    next_index: dict[str, int] = defaultdict(int)
+    if base:
+        manifest, index = base
+        done_keys = set(zip(index["split"].to_pylist(), index["key"].to_pylist(), strict=True))
+        done_paths = {item["path"] for item in manifest["rejected"]}
+        for shard in manifest["shards"]:
+            next_index[shard["split"]] = max(next_index[shard["split"]], int(shard["name"][6:12]) + 1)
+    new: dict[str, list[Entry]] = defaultdict(list)
+    for entry in listing.entries:
+        if (entry.split, entry.key) not in done_keys and entry.path not in done_paths:
+            new[entry.split].append(entry)
+    tasks = []
+    for split in sorted(new):
+        entries = new[split]
+        for start in range(0, len(entries), shard_size):
+            chunk = entries[start : start + shard_size]
+            samples = tuple((e.key, classes[e.label_name], e.path) for e in chunk)
+            tasks.append(ShardTask(split, next_index[split] + start // shard_size, samples, source, output))
+    return tasks
+
+
+def _class_index(listing: Listing, base) -> dict[str, int]:
+    # Append-only like the shards: labels of known classes never change, new classes go last.
+    names = list(base[0]["classes"]) if base else []
+    names += sorted({entry.label_name for entry in listing.entries} - set(names))
+    return {name: label for label, name in enumerate(names)}
+
+
+def _completed(task: ShardTask) -> dict | None:
+    """The record of a shard a previous (crashed) attempt finished, if its tar is there too."""
+    if not (task.record.exists() and task.tar.exists()):
+        return None
+    record = task.record.read_json()
+    return record if record["inputs"] == [path for _, _, path in task.samples] else None
+
+
+def _execute(tasks: list[ShardTask], settings: ImageSettings, cfg: PipelineConfig) -> tuple[list[dict], Progress]:
+    """Run the missing shards as Ray tasks, at most `ray.num_workers` in flight; returns all records."""
+    completed = {task: _completed(task) for task in tasks}
+    records = [record for record in completed.values() if record]
+    todo = [task for task, record in completed.items() if not record]
+    if records:
+        log.info("shard: %d of %d shards already complete; writing %d", len(records), len(tasks), len(todo))
+    remote = write_shard_task.options(
+        num_cpus=cfg.ray.cpus_per_task, max_retries=cfg.ray.max_retries, retry_exceptions=True
+    )
+    progress = Progress("shard", len(todo))
+
+    def collect(finished: list[ray.ObjectRef]) -> None:
+        record = ray.get(finished[0])
+        records.append(record)
+        progress.advance(1, record["samples"])
+
+    # Bounded in flight (as in Ray's "limit pending tasks" pattern): memory stays flat at any corpus size.
+    pending: list[ray.ObjectRef] = []
+    for task in todo:
+        if len(pending) >= cfg.ray.num_workers:
+            finished, pending = ray.wait(pending, num_returns=1)
+            collect(finished)
+        pending.append(remote.remote(task, settings))
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        collect(finished)
+    return records, progress
+
+
+def _index_table(base, records: list[dict], fingerprint: str) -> pa.Table:
+    """One row per accepted sample (split, key, label, shard): the base version's rows, then the new ones."""
+    columns = {"split": [], "key": [], "label": [], "shard": []}
+    for record in records:
+        shard = f"{fingerprint}/{record['split']}/{record['name']}"
+        for key, label in zip(record["keys"], record["labels"], strict=True):
+            columns["split"].append(record["split"])
+            columns["key"].append(key)
+            columns["label"].append(label)
+            columns["shard"].append(shard)
+    schema = pa.schema([("split", pa.string()), ("key", pa.string()), ("label", pa.int32()), ("shard", pa.string())])
+    table = pa.table(columns, schema=schema)
+    return pa.concat_tables([base[1].cast(schema), table]) if base else table
+
+
+def run(cfg: PipelineConfig, ctx) -> dict:
+    """Shard the listing into `<output>/<split>/shard-NNNNNN.tar`; returns the manifest body."""
+    listing: Listing = ctx.external
+    config = cfg.dataset.model_dump(mode="json")
+    base = _find_base(ctx, listing, config)
+    if base:
+        log.info("shard: growing version %s (append-only)", base[0]["fingerprint"])
+    classes = _class_index(listing, base)
+    source = Location(cfg.dataset.source, cfg.storage.endpoint_url, cfg.storage.region)
+    tasks = _plan(listing, classes, base, cfg.dataset.shard_size, source, ctx.output)
+    records, progress = _execute(tasks, ImageSettings.from_config(cfg.dataset), cfg)
+    records.sort(key=lambda record: (record["split"], record["name"]))
+
+    shards = list(base[0]["shards"]) if base else []
+    shards += [
+        {key: record[key] for key in ("split", "name", "samples", "bytes", "sha256")} | {"dataset": ctx.fingerprint}
+        for record in records
+    ]
+    listed_paths = {entry.path for entry in listing.entries}
+    rejected = [item for item in base[0]["rejected"] if item["path"] in listed_paths] if base else []
+    rejected += [{"path": item.path, "reason": item.reason} for item in listing.rejected]
+    rejected += [item for record in records for item in record["rejected"]]
+    rejected.sort(key=lambda item: item["path"])
+    accepted = sum(shard["samples"] for shard in shards)
+    # Every listed path is accounted for exactly once; a mismatch is a bug, never a silent loss.
+    if accepted + len(rejected) != listing.count:
+        raise RuntimeError(f"shard: {listing.count} inputs but {accepted} accepted + {len(rejected)} rejected")
+
+    index = _index_table(base, records, ctx.fingerprint)
+    sink = io.BytesIO()
+    pq.write_table(index, sink, compression="zstd")
+    (ctx.output / INDEX).write_bytes(sink.getvalue())
+    (ctx.output / CLASSES).write_bytes(json.dumps(list(classes)).encode())
+
+    ctx.tracking.log_metrics(
+        {
+            "inputs": listing.count,
+            "accepted": accepted,
+            "rejected": len(rejected),
+            "shards_written": progress.done,
+            "images_per_s": progress.rate,
+        }
+    )
+    return {
+        "config": config,
+        "base": base[0]["fingerprint"] if base else None,
+        "classes": list(classes),
+        "counts": {"inputs": listing.count, "accepted": accepted, "rejected": len(rejected)},
+        "splits": {
+            split: sum(shard["samples"] for shard in shards if shard["split"] == split)
+            for split in sorted({shard["split"] for shard in shards})
+        },
+        "shards": shards,
+        "rejected": rejected,
+        "files": [INDEX, CLASSES],
+    }

@@ -1,0 +1,111 @@
+"""Streams the shard stage's WebDataset tars into batches of image tensors, one subset per worker."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from pipeline.images import decode_rgb
+from pipeline.storage import Location, validate_key
+
+MAX_PIXELS = 4096 * 4096  # stored samples were bounded when sharded; this bounds a tampered shard
+
+
+@dataclass
+class ShardOrder(IterableDataset):
+    """The shards of one reader as webdataset url dicts: once in order, or forever, reshuffled each pass."""
+
+    shards: list[Location]
+    seed: int = 0
+    repeat: bool = False
+
+    def __iter__(self):
+        passes = 0
+        while True:
+            order = list(self.shards)
+            if self.repeat:
+                random.Random(self.seed * 1_000_003 + passes).shuffle(order)
+            yield from ({"url": shard} for shard in order)
+            passes += 1
+            if not self.repeat:
+                return
+
+
+def _open_shards(src):
+    """webdataset stage: open each shard Location through fsspec (local, s3://, memory://)."""
+    for item in src:
+        shard: Location = item["url"]
+        with shard.fs.open(shard.path, "rb") as stream:
+            yield {"url": shard.uri, "stream": stream}
+
+
+def _to_tensors(sample: dict) -> tuple[str, torch.Tensor, int]:
+    """Key, image as (3, H, W) uint8, label; keys from data are validated before use. The image member is
+    `.jpg` (the shards) or `.png` (the sample stage's lossless tars)."""
+    key = validate_key(sample["__key__"])
+    data = sample["jpg"] if "jpg" in sample else sample["png"]
+    image = torch.from_numpy(decode_rgb(data, MAX_PIXELS)).permute(2, 0, 1).contiguous()
+    return key, image, int(sample["cls"])
+
+
+def _flip(seed: int):
+    rng = random.Random(seed)
+
+    def flip(sample):
+        key, image, label = sample
+        return key, (image.flip(-1) if rng.random() < 0.5 else image), label
+
+    return flip
+
+
+def sample_pipeline(shards: list[Location], *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
+                    augment: bool = False) -> wds.DataPipeline:
+    """(key, image uint8 (3, H, W), label) samples; shards are split over DataLoader workers."""
+    stages = [
+        ShardOrder(shards, seed, repeat),
+        wds.split_by_worker,
+        _open_shards,
+        wds.tariterators.tar_file_expander,
+        wds.tariterators.group_by_keys,
+    ]
+    if shuffle_buffer:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
+    stages.append(wds.map(_to_tensors))
+    if augment:
+        stages.append(wds.map(_flip(seed)))
+    return wds.DataPipeline(*stages)
+
+
+def _collate(batch):
+    keys, images, labels = zip(*batch)
+    return list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def batch_loader(shards: list[Location], batch_size: int, *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
+                 augment: bool = False, workers: int = 0) -> DataLoader:
+    """Batches (keys, images uint8 (B, 3, H, W), labels (B,)), decoded in `workers` loader processes.
+
+    With repeat=True the stream never ends, so every DDP rank can take the same number of steps
+    whatever its share of the shards. Loader processes are capped at the shard count: a
+    process without a shard would have nothing to read.
+    """
+    workers = min(workers, len(shards))
+    pipeline = sample_pipeline(shards, repeat=repeat, seed=seed, shuffle_buffer=shuffle_buffer, augment=augment)
+    return DataLoader(
+        pipeline, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+    )
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range the models expect."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

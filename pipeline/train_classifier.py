@@ -1,0 +1,293 @@
+"""Train the pipeline's own classifier on the real training shards with Ray Train (DDP), checkpointing to storage.
+
+The classifier (models/classifier.py) scores samples for classifier-based rejection sampling
+(PAPER.md section 3.3), is the dataset-specific feature/logit network of the metrics
+(pipeline/feature_nets.py, `classifier`) and is the real-data reference of the Classification
+Accuracy Score. `fit_classifier` / `classification_accuracy_score` train the same model on
+in-memory tensors in one process: CAS trains it on samples and tests it on real validation images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from ray.train.torch import TorchTrainer
+
+from models.classifier import ClassifierConfig, ResNetClassifier, classifier_tiny
+from pipeline import training
+from pipeline.checkpoints import model_from_state, save_model
+from pipeline.config import PipelineConfig, TrainClassifierConfig
+from pipeline.dataset import Dataset
+from pipeline.faults import fault_spec, maybe_inject_fault
+from pipeline.metrics import accuracy_scores
+from pipeline.shard_reader import batch_loader, to_model_range
+
+NAME = "train_classifier"
+SECTION = "train_classifier"
+FORMAT_VERSION = 1
+TRAINS = True  # sees the dataset version that policy.on_new_data picks
+UPSTREAM = ("shard",)
+MODEL_FILE = "classifier.pt"
+VAL_BATCH = 128
+
+
+def classifier_config(section: TrainClassifierConfig, num_classes: int) -> ClassifierConfig:
+    base = classifier_tiny(num_classes) if section.preset == "tiny" else ClassifierConfig(num_classes=num_classes)
+    return dataclasses.replace(base, **section.model)
+
+
+def _shards(dataset: Dataset, split: str):
+    shards = dataset.shards(split)
+    if not shards:
+        raise ValueError(f"dataset {dataset.location} has no {split!r} shards; train_classifier needs train and val")
+    return shards
+
+
+def _all_reduce_sum(values: list[float], dev: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=dev)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return totals.tolist()
+
+
+def _sync_buffers_from_rank0(model: torch.nn.Module) -> None:
+    # Batch-norm statistics differ by the last local update on each rank; evaluate rank 0's (the saved ones).
+    if torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+@torch.no_grad()
+def _validate(model: ResNetClassifier, shards, limit: int | None, dev, workers: int) -> dict[str, float]:
+    """Every rank scores its own val shards (up to `limit` images); the sums are all-reduced."""
+    model.eval()
+    _sync_buffers_from_rank0(model)
+    loss_sum = top1 = top5 = seen = 0.0
+    if limit is None or limit > 0:
+        for _, images, labels in batch_loader(shards, VAL_BATCH, repeat=False, workers=workers):
+            if limit is not None:
+                images, labels = images[: limit - int(seen)], labels[: limit - int(seen)]
+            logits = model(to_model_range(images.to(dev))).float().cpu()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            k5 = min(5, logits.shape[1])
+            hits = logits.topk(k5, dim=1).indices == labels.unsqueeze(1)
+            top1 += hits[:, 0].sum().item()
+            top5 += hits.any(dim=1).sum().item()
+            seen += len(labels)
+            if limit is not None and seen >= limit:
+                break
+    loss_sum, top1, top5, seen = _all_reduce_sum([loss_sum, top1, top5, seen], dev)
+    if seen == 0:
+        raise ValueError("train_classifier: the val split yielded no images")
+    return {"val_loss": loss_sum / seen, "val_top1": top1 / seen, "val_top5": top5 / seen, "val_images": seen}
+
+
+def train_loop(config: dict) -> None:
+    """The per-worker training function (a Ray Train worker runs one copy per rank)."""
+    cfg: PipelineConfig = config["cfg"]
+    section = cfg.train_classifier
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    dev = training.device(section)
+    torch.manual_seed(section.seed)  # identical initial weights on every rank
+
+    model = ResNetClassifier(config["model_config"]).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
+    step = 0
+    state = training.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    resumed_from = step
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    # Each rank streams its own train shards (round-robin), repeating, so all ranks take the same number of
+    # steps; the shuffle order depends on the rank, the seed and the step resumed from.
+    loader = batch_loader(
+        config["train_shards"][rank::world], section.batch_size, repeat=True,
+        seed=section.seed * 7919 + rank * 104_729 + step, shuffle_buffer=section.shuffle_buffer,
+        augment=section.augment, workers=section.loader_workers,
+    )
+    val_shards = config["val_shards"][rank::world]
+    val_limit = None if section.val_samples is None else math.ceil(section.val_samples / world)
+    tracking = training.worker_tracking(cfg, config["run_id"])
+    throughput = training.Throughput(world)
+    fault = config["fault"]
+    batches = iter(loader)
+    loss_sum = correct = seen = 0.0
+    val_metrics: dict[str, float] = {}
+
+    while step < section.steps:
+        maybe_inject_fault(fault, NAME, step, rank)
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = training.learning_rate(section, step)
+        _, images, labels = next(batches)
+        images, labels = to_model_range(images.to(dev, non_blocking=True)), labels.to(dev, non_blocking=True)
+        with training.autocast(section, dev):
+            logits = ddp_model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=section.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if section.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip)
+        optimizer.step()
+        throughput.add(len(images))
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        seen += len(labels)
+        step += 1
+
+        if step % section.log_every == 0 or step == section.steps:
+            # Averages since the last log over every rank's batches (a collective: all ranks log together).
+            total_loss, total_correct, total_seen = _all_reduce_sum([loss_sum, correct, seen], dev)
+            metrics = {"train_loss": total_loss / total_seen, "train_accuracy": total_correct / total_seen,
+                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": throughput.rate()}
+            loss_sum = correct = seen = 0.0
+            tracking.log_metrics(metrics, step)
+            if rank == 0:
+                print(f"train_classifier step {step}/{section.steps} loss {metrics['train_loss']:.4f} "
+                      f"accuracy {metrics['train_accuracy']:.3f} {metrics['images_per_s']:.0f} images/s", flush=True)
+        if step % section.validate_every == 0 or step == section.steps:
+            val_metrics = _validate(model, val_shards, val_limit, dev, section.loader_workers)
+            tracking.log_metrics(val_metrics, step)
+            if rank == 0:
+                print(f"train_classifier step {step} val top-1 {val_metrics['val_top1']:.3f} "
+                      f"top-5 {val_metrics['val_top5']:.3f}", flush=True)
+        if step % section.checkpoint_every == 0 or step == section.steps:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "seed": section.seed, "world_size": world}
+            training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
+
+
+def run(cfg: PipelineConfig, ctx) -> dict:
+    section = cfg.train_classifier
+    dataset = Dataset.open(ctx.upstream["shard"].location)
+    if cfg.dataset.image_size is None:
+        raise ValueError("train_classifier batches images of one size: set dataset.image_size")
+    model_config = classifier_config(section, len(dataset.classes))
+    training.check_resources(section, NAME)
+    train_shards, val_shards = _shards(dataset, "train"), _shards(dataset, "val")
+    if len(train_shards) < section.num_workers:
+        raise ValueError(
+            f"train_classifier.num_workers={section.num_workers} but the dataset has only {len(train_shards)} "
+            "train shards: every worker streams its own shards; lower dataset.shard_size or the worker count"
+        )
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
+            "run_id": ctx.tracking.run_id, "fault": fault_spec(),
+        },
+        scaling_config=training.scaling_config(section),
+        run_config=training.run_config(ctx.output, section),
+    )
+    result = trainer.fit()
+    state = training.read_checkpoint_state(result.checkpoint)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    val = {k: metrics[f"val_{k}"] for k in ("top1", "top5", "loss") if f"val_{k}" in metrics}
+    model = model_from_state("classifier", dataclasses.asdict(model_config), state["model"])
+    save_model(ctx.output / MODEL_FILE, "classifier", model, step=state["step"], image_size=cfg.dataset.image_size,
+               classes=list(dataset.classes), val=val)
+    ctx.tracking.set_tags({"checkpoint": result.checkpoint.path, "model_uri": (ctx.output / MODEL_FILE).uri})
+    return {
+        "model": MODEL_FILE,
+        "checkpoint": result.checkpoint.path,
+        "classifier_config": dataclasses.asdict(model_config),
+        "image_size": cfg.dataset.image_size,
+        "classes": list(dataset.classes),
+        "steps": state["step"],
+        "val": val,
+        "metrics": metrics,
+    }
+
+
+# --- one process, in-memory tensors (CAS) ---------------------------------------------------------------
+
+
+def _as_model_range(images: torch.Tensor) -> torch.Tensor:
+    return to_model_range(images) if images.dtype == torch.uint8 else images.float()
+
+
+def fit_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    model_config: ClassifierConfig | None = None,
+    *,
+    steps: int = 500,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+    augment: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ResNetClassifier:
+    """Train a ResNetClassifier on in-memory images (N, 3, H, W; uint8 or [-1, 1]) and labels (N,).
+
+    Single process, AdamW with the cosine schedule to a tenth of `lr`, random horizontal flips,
+    shuffled epochs; deterministic for a seed. Returns the model in eval mode, on `device`.
+    """
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many images as labels (> 0), got {len(images)} and {len(labels)}")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+    dev = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = ResNetClassifier(model_config or classifier_tiny(num_classes)).to(dev)
+    if model.cfg.num_classes != num_classes:
+        raise ValueError(f"model_config.num_classes={model.cfg.num_classes} but num_classes={num_classes}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    batch_size = min(batch_size, len(images))
+    order = torch.randperm(len(images), generator=generator)
+    position = 0
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
+        if position + batch_size > len(order):
+            order, position = torch.randperm(len(images), generator=generator), 0
+        index = order[position : position + batch_size]
+        position += batch_size
+        x = _as_model_range(images[index]).to(dev)
+        if augment:
+            flip = torch.rand(len(index), generator=generator) < 0.5
+            x[flip.to(dev)] = x[flip.to(dev)].flip(-1)
+        loss = F.cross_entropy(model(x), labels[index].to(dev), label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                        device: str | torch.device | None = None) -> dict[str, float]:
+    """{'top1', 'top5', 'loss'} of a classifier on images (uint8 or [-1, 1]) and labels."""
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    logits = torch.cat([model(_as_model_range(chunk).to(dev)).float().cpu() for chunk in images.split(batch_size)])
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    return accuracy_scores(logits, labels) | {"loss": F.cross_entropy(logits, labels).item()}
+
+
+def classification_accuracy_score(
+    train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor, test_labels: torch.Tensor,
+    num_classes: int, model_config: ClassifierConfig | None = None, **fit_options,
+) -> dict[str, float]:
+    """CAS (Ravuri & Vinyals 2019): train a classifier only on `train_*` (the samples), test it on `test_*`
+    (real validation images); {'top1', 'top5', 'loss'}. The same call on real training images gives the
+    real-data reference the paper reports beside it."""
+    model = fit_classifier(train_images, train_labels, num_classes, model_config, **fit_options)
+    return evaluate_classifier(model, test_images, test_labels)

@@ -1,0 +1,158 @@
+"""What the Ray Train stages share: scaling and run configs, checkpoints, LR schedule, worker tracking."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from pipeline.config import PipelineConfig, TrainerConfig
+from pipeline.storage import Location
+from pipeline.tracking import StageRun, Tracker
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def check_resources(section: TrainerConfig, stage: str) -> None:
+    """Fail fast, with the numbers, when the cluster cannot place the requested workers."""
+    available = ray.cluster_resources()
+    cpus = section.num_workers * section.cpus_per_worker
+    if cpus > available.get("CPU", 0):
+        raise ValueError(
+            f"{stage}.num_workers={section.num_workers} x {stage}.cpus_per_worker={section.cpus_per_worker} "
+            f"needs {cpus:g} CPUs; the Ray cluster has {available.get('CPU', 0):g}"
+        )
+    if section.use_gpu and section.num_workers > available.get("GPU", 0):
+        raise ValueError(
+            f"{stage}.use_gpu with {stage}.num_workers={section.num_workers} needs as many GPUs; "
+            f"the Ray cluster has {available.get('GPU', 0):g}"
+        )
+
+
+def scaling_config(section: TrainerConfig) -> ScalingConfig:
+    return ScalingConfig(
+        num_workers=section.num_workers,
+        use_gpu=section.use_gpu,
+        resources_per_worker={"CPU": section.cpus_per_worker} | ({"GPU": 1} if section.use_gpu else {}),
+    )
+
+
+def run_config(output: Location, section: TrainerConfig) -> RunConfig:
+    """Checkpoints go under the stage's own output prefix; the same name resumes a crashed run."""
+    storage_path, filesystem = ray_storage(output)
+    return RunConfig(
+        name="ray_train",
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=section.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+
+
+def ray_storage(location: Location) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train; S3 credentials stay in the environment."""
+    if location.protocol == "file":
+        return location.path, None
+    if location.protocol in ("s3", "s3a"):
+        endpoint = location.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        options = {"region": location.region or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            options |= {"endpoint_override": parsed.netloc, "scheme": parsed.scheme or "https"}
+        return location.path, pyarrow.fs.S3FileSystem(**options)
+    raise ValueError(f"Ray Train cannot keep checkpoints on {location.protocol}:// ({location.uri}); use file:// or s3://")
+
+
+def learning_rate(section: TrainerConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to a tenth of the peak."""
+    if step < section.warmup_steps:
+        return section.lr * (step + 1) / section.warmup_steps
+    if section.lr_schedule == "constant":
+        return section.lr
+    progress = (step - section.warmup_steps) / max(1, section.steps - section.warmup_steps)
+    return section.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def device(section: TrainerConfig) -> torch.device:
+    """This worker's device; on CPU, as many torch threads as the worker reserved CPUs."""
+    dev = ray.train.torch.get_device()
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, int(section.cpus_per_worker)))
+    return dev
+
+
+def autocast(section: TrainerConfig, dev: torch.device):
+    """bf16 autocast on CUDA when configured; a no-op context elsewhere."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=section.bf16 and dev.type == "cuda")
+
+
+def load_checkpoint() -> dict | None:
+    """The state of the latest checkpoint of this run (after a restart or resume), else None."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def report(metrics: dict, state: dict | None = None) -> None:
+    """ray.train.report from every rank; rank 0 attaches the checkpoint when `state` is given."""
+    if state is None or ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, Path(folder) / CHECKPOINT_FILE)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+
+
+def read_checkpoint_state(checkpoint: Checkpoint) -> dict:
+    """Driver side: the state saved in a Ray Train checkpoint."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def worker_tracking(cfg: PipelineConfig, run_id: str | None) -> StageRun:
+    """The stage's MLflow run, reached from a Ray Train worker (only rank 0 logs)."""
+    if ray.train.get_context().get_world_rank() != 0 or run_id is None:
+        return StageRun(None, None)
+    return StageRun(Tracker(cfg), run_id)
+
+
+def max_rank_difference(tensors: list[torch.Tensor]) -> float:
+    """Largest absolute difference between any rank's tensors and rank 0's (0.0 when in sync)."""
+    if not torch.distributed.is_initialized():
+        return 0.0
+    worst = torch.zeros((), device=tensors[0].device)
+    for tensor in tensors:
+        reference = tensor.detach().clone()
+        torch.distributed.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (tensor.detach() - reference).abs().max())
+    torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    return worst.item()
+
+
+class Throughput:
+    """Images per second since the last call, across all ranks."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.images = 0
+        self._last = time.perf_counter()
+
+    def add(self, batch: int) -> None:
+        self.images += batch * self.world_size
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self._last, 1e-9)
+        self.images, self._last = 0, now
+        return rate

@@ -1,0 +1,128 @@
+"""Config loading, validation errors, overrides and fingerprints."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, fingerprint, flatten, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "storage: {root: runs/x}\ndataset: {source: data/x}\n"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "imagenet256.yaml", "ffhq1024.yaml"])
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.name == name.removesuffix(".yaml")
+    assert cfg.dataset.shard_size > 0
+
+
+def test_paper_settings():
+    assert load_config(CONFIGS / "imagenet256.yaml").dataset.image_size == 256
+    assert load_config(CONFIGS / "ffhq1024.yaml").dataset.image_size == 1024
+
+
+def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):
+    path = write(tmp_path, MINIMAL + "ray: {num_workers: 2, num_worker: 3}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert f"{path}: ray.num_worker: unknown key" in message
+    assert "num_workers" in message and "max_retries" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"pipeline.yaml: trainer: unknown key; expected one of: .*dataset"):
+        load_config(write(tmp_path, MINIMAL + "trainer: {steps: 3}\n"))
+
+
+def test_wrong_type_names_file_key_and_expected_type(tmp_path):
+    path = write(tmp_path, "storage: {root: runs/x}\ndataset: {source: data/x, shard_size: lots}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path}: dataset.shard_size: expected: a valid integer" in str(error.value)
+    assert "'lots'" in str(error.value)
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"pipeline.yaml: dataset.source: required key is missing"):
+        load_config(write(tmp_path, "storage: {root: runs/x}\ndataset: {shard_size: 3}\n"))
+
+
+def test_out_of_range_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataset.jpeg_quality: expected: less than or equal to 100"):
+        load_config(write(tmp_path, MINIMAL), ["dataset.jpeg_quality=101"])
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["dataset.shard_size=17", "dataset.reencode=false", "ray.address=auto", "dataset.image_size=null"],
+    )
+    assert cfg.dataset.shard_size == 17 and cfg.dataset.reencode is False
+    assert cfg.ray.address == "auto" and cfg.dataset.image_size is None
+
+
+def test_bad_override_names_the_override(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), ["ray.num_workers=two", "mlflow.uri=http://x"])
+    message = str(error.value)
+    assert "override 'ray.num_workers=two': ray.num_workers: expected: a valid integer" in message
+    assert "override 'mlflow.uri=http://x': mlflow.uri: unknown key" in message
+
+
+def test_override_without_value_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(write(tmp_path, MINIMAL), ["dataset.shard_size"])
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="pipeline.yaml: cannot read config"):
+        load_config(write(tmp_path, "storage: [unclosed\n"))
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.storage.root == str(tmp_path / "runs/x")
+    assert cfg.dataset.source == str(tmp_path / "data/x")
+    s3 = parse_config({"storage": {"root": "s3://b/p"}, "dataset": {"source": "s3://b/src"}}, "inline")
+    assert s3.storage.root == "s3://b/p"
+
+
+def test_fingerprint_is_stable_and_sensitive(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    base = fingerprint(cfg.dataset, {"listing": "abc", "other": "def"}, 1)
+    assert base == fingerprint(cfg.dataset, {"other": "def", "listing": "abc"}, 1)
+    assert len(base) == 16 and int(base, 16) >= 0
+    changed = load_config(write(tmp_path, MINIMAL), ["dataset.shard_size=5"])
+    assert fingerprint(changed.dataset, {"listing": "abc", "other": "def"}, 1) != base
+    assert fingerprint(cfg.dataset, {"listing": "abd", "other": "def"}, 1) != base
+    assert fingerprint(cfg.dataset, {"listing": "abc", "other": "def"}, 2) != base
+    # Settings outside the stage's section do not change its fingerprint.
+    other = load_config(write(tmp_path, MINIMAL), ["ray.num_workers=7", "mlflow.experiment=x"])
+    assert fingerprint(other.dataset, {"listing": "abc", "other": "def"}, 1) == base
+
+
+def test_flatten_gives_dotted_string_params(tmp_path):
+    flat = flatten(load_config(write(tmp_path, MINIMAL)).dataset, "dataset.")
+    assert flat["dataset.shard_size"] == "1000"
+    assert flat["dataset.splits"] == '["train", "val"]'
+    assert flat["dataset.listing"] == "null"
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    from jobs.cli import main
+
+    assert main(["shard", "--config", str(write(tmp_path, MINIMAL)), "dataset.shard_size=many"]) == 2
+    error = capsys.readouterr().err
+    assert "override 'dataset.shard_size=many': dataset.shard_size: expected: a valid integer" in error
+    assert "Traceback" not in error

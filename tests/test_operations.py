@@ -1,0 +1,106 @@
+"""Operating the pipeline: status, run comparison, failures that name their stage, reruns on a grown corpus."""
+
+import pytest
+import yaml
+
+from jobs.cli import main as vq2
+from pipeline import demo_data
+from pipeline.compare import PipelineRun, compare, differing_params
+from pipeline.config import parse_config
+from pipeline.runner import pipeline_status, run_pipeline
+from pipeline.storage import Location
+
+
+def test_status_reports_complete_partial_and_missing(tiny_pipeline):
+    cfg = tiny_pipeline.config(sample={"seed": 12345})  # a sample version no test runs
+    rows = {row["stage"]: row for row in pipeline_status(cfg)}
+    assert [rows[s]["state"] for s in ("shard", "train_vqvae", "encode", "train_classifier")] == ["complete"] * 4
+    assert rows["shard"]["run_id"] and rows["train_vqvae"]["output"].endswith(rows["train_vqvae"]["fingerprint"])
+    assert rows["sample"]["state"] == "missing"
+
+    # A crashed run leaves files without a manifest: partial, and a rerun resumes it.
+    leftover = Location(rows["sample"]["output"]) / "codes" / "batch-000000.parquet"
+    leftover.write_bytes(b"x")
+    try:
+        assert {row["stage"]: row for row in pipeline_status(cfg)}["sample"]["state"] == "partial"
+    finally:
+        leftover.parent.remove()
+
+
+def test_differing_params_ignore_stages_a_run_skipped():
+    runs = [
+        PipelineRun("a", "a", 1, "FINISHED", params={"train_vqvae.lr": "0.1", "dataset.shard_size": "64"}),
+        PipelineRun("b", "b", 2, "FINISHED", params={"train_vqvae.lr": "0.2", "dataset.shard_size": "64"}),
+        PipelineRun("c", "c", 3, "FINISHED", params={"dataset.shard_size": "64"}),  # ran only the shard stage
+    ]
+    assert differing_params(runs) == ["train_vqvae.lr"]
+
+
+def test_compare_reads_the_runs_back_from_mlflow(tiny_pipeline, tmp_path, capsys):
+    table, report, png = compare(tiny_pipeline.tracking_uri, "tiny-pipeline", ["val_mse", "val_top1"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | status |") and "val_mse" in lines[0]
+    header = lines[0].strip("| ").split(" | ")
+    rows = [line[2:-2].split(" | ") for line in lines[2:]]
+    assert len(rows) >= 4 and all(row[0].startswith("tiny-test: run (") for row in rows)
+    column = header.index("val_mse")
+    val_mse = [float(row[column]) for row in rows if row[column]]  # the train_vqvae run and those reusing it
+    assert val_mse and all(0 < v < 1 for v in val_mse)
+    assert report.startswith("<!doctype html>") and png.startswith(b"\x89PNG")
+
+    out = tmp_path / "report.html"
+    code = vq2(["compare", "--experiment", "tiny-pipeline", "--tracking-uri", tiny_pipeline.tracking_uri,
+                "--metric", "val_mse", "--out", str(out)])
+    assert code == 0 and out.exists() and out.with_suffix(".png").exists()
+    assert "val_mse" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no MLflow experiment 'nope'"):
+        compare(tiny_pipeline.tracking_uri, "nope")
+
+
+def test_a_failing_stage_is_named_and_earlier_stages_stay_reusable(tiny_pipeline, tmp_path, capsys):
+    tree = yaml.safe_load(tiny_pipeline.config().model_dump_json())
+    tree["train_prior"]["num_workers"] = 9
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert vq2(["train_prior", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "stage train_prior failed: ValueError: train_prior.num_workers=9" in err
+    assert "completed stages (reused by a rerun, which resumes train_prior): shard, train_vqvae, encode" in err
+
+
+@pytest.mark.slow
+def test_grown_corpus_shards_only_new_images_and_policy_decides_retraining(ray_local, tmp_path):
+    corpus = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(corpus, 8, 2, size=(32, 32), classes=4)
+
+    def config(policy):
+        tree = {
+            "storage": {"root": str(tmp_path / "root")},
+            "dataset": {"source": corpus.uri, "image_size": 32, "shard_size": 16},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "growth"},
+            "policy": {"on_new_data": policy},
+            "train_vqvae": {"num_workers": 1, "batch_size": 8, "steps": 2, "checkpoint_every": 2,
+                            "validate_every": 2, "loader_workers": 0, "val_samples": 8},
+            "encode": {"num_actors": 1},
+        }
+        return parse_config(tree, "growth.yaml")
+
+    first = run_pipeline(config("encode"), until="encode")
+    demo_data.synthetic(corpus, 4, 0, size=(32, 32), classes=4, first_index=8)  # 16 new training images
+    grown = run_pipeline(config("encode"), until="encode")
+
+    old, new = first["shard"].manifest, grown["shard"].manifest
+    assert new["base"] == first["shard"].fingerprint
+    assert new["shards"][: len(old["shards"])] == old["shards"]  # old shards kept, not rewritten
+    assert {s["dataset"] for s in new["shards"][len(old["shards"]):]} == {grown["shard"].fingerprint}
+    assert new["splits"]["train"] == old["splits"]["train"] + 16
+    # encode policy: the VQ-VAE is not retrained; the new images are encoded with it.
+    assert grown["train_vqvae"].cached and grown["train_vqvae"].fingerprint == first["train_vqvae"].fingerprint
+    assert not grown["encode"].cached
+    assert sum(f["rows"] for f in grown["encode"].manifest["files"]["train"]) == new["splits"]["train"]
+
+    # retrain policy: the VQ-VAE of the grown dataset is a new, not yet trained, version.
+    rows = {row["stage"]: row for row in pipeline_status(config("retrain"))}
+    assert rows["shard"]["state"] == "complete"
+    assert rows["train_vqvae"]["state"] == "missing"
+    assert rows["train_vqvae"]["fingerprint"] != first["train_vqvae"].fingerprint

@@ -1,0 +1,96 @@
+"""Sampling at scale on Ray: samples and grids written, rejection keeps its fraction, resume, reproducibility."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from models.sampling import sample_codes
+from pipeline.checkpoints import load_model
+from pipeline.codes import table_tensors
+from pipeline.runner import run_pipeline
+from pipeline.sample import batch_files, read_samples, sample_seed
+from pipeline.storage import Location
+
+CLASSES, PER_CLASS = 8, 3
+
+
+def _priors(cfg):
+    result = run_pipeline(cfg, only="train_prior")["train_prior"]
+    return [load_model(result.location / result.manifest["levels"][name]["model"], "prior")[0] for name in ("top", "bottom")]
+
+
+@pytest.mark.slow
+def test_samples_grids_and_rejection(tiny_pipeline):
+    cfg = tiny_pipeline.config()
+    run_pipeline(cfg, only="train_prior")  # cached when test_train_prior ran first
+    result = run_pipeline(cfg, only="sample")["sample"]
+    manifest = result.manifest
+    metrics = manifest["metrics"]
+    assert metrics["samples"] == CLASSES * PER_CLASS
+    # keep_fraction 0.5 of 3 samples per class keeps ceil(1.5) = 2 of each class.
+    assert metrics["accepted"] == CLASSES * 2 and metrics["acceptance_rate"] == pytest.approx(2 / 3)
+
+    table = read_samples(result.location, manifest["batches"], levels=2)
+    assert len(set(table.column("key").to_pylist())) == CLASSES * PER_CLASS
+    scores, labels = table.column("score").to_numpy(), table.column("label").to_numpy()
+    for label in range(CLASSES):
+        threshold = manifest["thresholds"][str(label)]
+        assert (scores[labels == label] >= threshold).sum() == 2
+    images = 0
+    for uri in manifest["images"]:
+        for sample in wds.DataPipeline(wds.SimpleShardList([Location(uri).path]), wds.tarfile_to_samples()):
+            assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
+            images += 1
+    assert images == CLASSES * PER_CLASS
+
+    # Any sample is reproduced alone from its seed and temperature.
+    layout_levels = ["top", "bottom"]
+    row = 5
+    seed, label = table.column("seed")[row].as_py(), int(labels[row])
+    assert seed == sample_seed(cfg.sample.seed, label, int(table.column("key")[row].as_py().rsplit("-", 1)[1]))
+    again = sample_codes(_priors(cfg), torch.tensor([label]), [seed], table.column("temperature")[row].as_py())
+    _, stored = table_tensors(table.slice(row, 1), _layout(manifest))
+    for level, name in enumerate(layout_levels):
+        assert torch.equal(again[level], stored[level].long()), name
+
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    run = client.get_run(manifest["run_id"])
+    assert run.data.metrics["acceptance_rate"] == pytest.approx(2 / 3)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples.png", "rejection_accepted_vs_rejected.png"} <= artifacts
+
+
+def _layout(manifest):
+    from pipeline.codes import CodesLayout
+
+    return CodesLayout(**manifest["layout"])
+
+
+@pytest.mark.slow
+def test_killed_actor_is_replaced_and_a_crash_resumes(tiny_pipeline, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VQ2_FAULT_INJECT", f"sample:1:0:{marker}")
+    cfg = tiny_pipeline.config(sample={"seed": 3})
+    run_pipeline(cfg, only="train_prior")
+    result = run_pipeline(cfg, only="sample")["sample"]
+    assert marker.exists()  # the actor sampling batch 1 died; a new one finished it
+    assert result.manifest["metrics"]["samples"] == CLASSES * PER_CLASS
+
+    # A crash after batch 0 and 2 were written: the rerun samples batch 1 only.
+    monkeypatch.delenv("VQ2_FAULT_INJECT")
+    _, lost = batch_files(result.location, 1)
+    kept = {b: batch_files(result.location, b)[1] for b in (0, 2)}
+    before = {b: kept[b].read_bytes() for b in kept}
+    lost.remove()
+    (result.location / "manifest.json").remove()
+    again = run_pipeline(cfg, only="sample")["sample"]
+    assert again.manifest["metrics"]["sampled_batches"] == 1
+    assert {b: kept[b].read_bytes() for b in kept} == before
+    table = read_samples(again.location, again.manifest["batches"], levels=2)
+    assert len(table) == len(set(table.column("key").to_pylist())) == CLASSES * PER_CLASS
+    assert np.isfinite(table.column("score").to_numpy()).all()

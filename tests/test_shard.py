@@ -1,0 +1,272 @@
+"""The shard stage end to end on a local Ray: file:// and s3://, bad inputs, determinism, resume, growth."""
+
+import io
+import os
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import webdataset as wds
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import BIN, free_port
+from jobs.cli import main as vq2
+from pipeline import demo_data
+from pipeline.config import parse_config, to_yaml
+from pipeline.dataset import Dataset, verify
+from pipeline.runner import run_pipeline
+from pipeline.storage import MANIFEST, Location
+
+CLASSES = 4
+PER_CLASS, VAL_PER_CLASS = 12, 3
+GOOD = CLASSES * (PER_CLASS + VAL_PER_CLASS)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Location:
+    """4 classes x 15 synthetic images plus the bad files, in ImageNet layout."""
+    out = Location(str(tmp_path_factory.mktemp("corpus")))
+    demo_data.synthetic(out, PER_CLASS, VAL_PER_CLASS, size=(48, 40), classes=CLASSES, with_bad_files=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One sqlite store for the module: creating one costs seconds, and the default store has its own test."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def make_config(root, source, tracking_uri, **dataset):
+    tree = {
+        "storage": {"root": str(root)},
+        "dataset": {"source": str(source), "image_size": 32, "shard_size": 10} | dataset,
+        "ray": {"num_workers": 2, "max_retries": 2},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "shard-tests", "request_retries": 0},
+    }
+    return parse_config(tree, "test.yaml")
+
+
+def snapshot(location: Location) -> dict[str, tuple[int, int]]:
+    """Each file under a local folder with its size and modification time (to prove nothing was written)."""
+    return {key: (size, os.stat(f"{location.path}/{key}").st_mtime_ns) for key, size in location.list_files().items()}
+
+
+def check_dataset(result, inputs: int, rejected_paths: set[str]) -> dict:
+    manifest = result.manifest
+    counts = manifest["counts"]
+    assert counts["inputs"] == inputs
+    assert counts["accepted"] + counts["rejected"] == counts["inputs"]
+    assert {item["path"] for item in manifest["rejected"]} == rejected_paths
+    assert all(item["reason"] for item in manifest["rejected"])
+    assert verify(result.location) == []
+    return manifest
+
+
+BAD_REJECTED = {f"train/circle/{name}" for name in demo_data.REJECTED_BAD_FILES}
+
+
+def test_local_end_to_end_with_bad_files(ray_local, corpus, tracking_uri, tmp_path):
+    cfg = make_config(tmp_path / "root", corpus.path, tracking_uri)
+    result = run_pipeline(cfg, only="shard")["shard"]
+    assert not result.cached
+    assert result.location.uri == f"{tmp_path}/root/shard/{result.fingerprint}"
+    manifest = check_dataset(result, GOOD + len(demo_data.bad_files(8, 8)), BAD_REJECTED)
+    reasons = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in manifest["rejected"]}
+    assert reasons["bomb.png"].startswith("decompression bomb")
+    assert reasons["zero-byte.jpg"] == "empty file"
+    assert reasons["notes.txt"] == "not an image"
+    assert reasons["bad name \u00e9.png"].startswith("unsafe name")
+    converted = 4  # cmyk, grey16, grey, alpha
+    assert manifest["counts"]["accepted"] == GOOD + converted
+    assert manifest["splits"] == {"train": CLASSES * PER_CLASS + converted, "val": CLASSES * VAL_PER_CLASS}
+    assert manifest["classes"] == ["circle", "hstripes", "square", "triangle"]
+
+    # Read back as WebDataset: every sample is a 32x32 RGB JPEG with its class index.
+    dataset = Dataset.open(result.location)
+    urls = [shard.path for shard in dataset.shards("train")]
+    assert [url.rsplit("/", 1)[1] for url in urls] == [f"shard-{i:06d}.tar" for i in range(len(urls))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == manifest["splits"]["train"]
+    for sample in samples:
+        image = Image.open(io.BytesIO(sample["jpg"]))
+        assert (image.mode, image.size) == ("RGB", (32, 32))
+        label_name = sample["__key__"].split("/")[0]
+        assert manifest["classes"][int(sample["cls"])] == label_name
+    index = pq.read_table(io.BytesIO((result.location / "index.parquet").read_bytes()))
+    assert index.num_rows == manifest["counts"]["accepted"]
+
+    # MLflow: a parent run and the stage's nested run, with params, tags, metrics and the manifest.
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(manifest["run_id"])
+    assert run.data.tags["fingerprint"] == result.fingerprint and run.data.tags["cached"] == "false"
+    assert run.data.params["dataset.shard_size"] == "10"
+    assert run.data.metrics["accepted"] == manifest["counts"]["accepted"]
+    assert run.data.metrics["images_per_s"] > 0
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert "config.yaml" in [item.path for item in client.list_artifacts(parent.info.run_id)]
+    assert "manifest.json" in [item.path for item in client.list_artifacts(run.info.run_id)]
+
+
+def test_deterministic_and_rerun_writes_nothing(ray_local, corpus, tracking_uri, tmp_path):
+    first = run_pipeline(make_config(tmp_path / "a", corpus.path, tracking_uri), only="shard")["shard"]
+    before = snapshot(first.location.parent.parent)
+    again = run_pipeline(make_config(tmp_path / "a", corpus.path, tracking_uri), only="shard")["shard"]
+    assert again.cached and again.manifest["run_id"] == first.manifest["run_id"]
+    assert snapshot(first.location.parent.parent) == before
+    cached_run = MlflowClient(tracking_uri).search_runs(
+        [MlflowClient(tracking_uri).get_experiment_by_name("shard-tests").experiment_id],
+        "tags.cached = 'true'",
+    )
+    assert any(run.data.tags["produced_by_run"] == first.manifest["run_id"] for run in cached_run)
+
+    # Another root, another run: the same keys in the same shards, byte for byte.
+    other = run_pipeline(make_config(tmp_path / "b", corpus.path, tracking_uri), only="shard")["shard"]
+    assert other.fingerprint == first.fingerprint
+    assert other.manifest["shards"] == first.manifest["shards"]
+
+
+def test_crash_resume_writes_only_missing_shards(ray_local, corpus, tracking_uri, tmp_path):
+    cfg = make_config(tmp_path / "root", corpus.path, tracking_uri)
+    complete = run_pipeline(cfg, only="shard")["shard"]
+    out = complete.location
+    # A crash: the manifest never written, two shards never written, one tar written without its record.
+    for key in (MANIFEST, "index.parquet", "train/shard-000001.tar", "train/shard-000001.json"):
+        (out / key).fs.rm((out / key).path)
+    (out / "val/shard-000000.json").fs.rm((out / "val/shard-000000.json").path)
+    survivors = snapshot(out)
+    resumed = run_pipeline(cfg, only="shard")["shard"]
+    assert not resumed.cached and resumed.fingerprint == complete.fingerprint
+    after = snapshot(out)
+    rewritten = {key for key in after if survivors.get(key) != after[key]}
+    assert rewritten == {
+        MANIFEST, "index.parquet", "classes.json",
+        "train/shard-000001.tar", "train/shard-000001.json", "val/shard-000000.tar", "val/shard-000000.json",
+    }  # fmt: skip
+    assert resumed.manifest["shards"] == complete.manifest["shards"]
+    assert resumed.manifest["counts"] == complete.manifest["counts"]
+    assert verify(out) == []
+
+
+def test_growth_is_append_only(ray_local, tracking_uri, tmp_path):
+    source = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(source, per_class=10, val_per_class=2, size=(40, 40), classes=3)
+    cfg = make_config(tmp_path / "root", source.path, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    v1_files = snapshot(v1.location)
+    v1_index = pq.read_table(io.BytesIO((v1.location / "index.parquet").read_bytes())).to_pylist()
+
+    # The corpus grows: 5 more images in each old class and a new class.
+    demo_data.synthetic(source, per_class=5, val_per_class=1, size=(40, 40), classes=4, first_index=10)
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.fingerprint != v1.fingerprint and v2.manifest["base"] == v1.fingerprint
+    assert snapshot(v1.location) == v1_files  # the old version is untouched
+    old_shards = v2.manifest["shards"][: len(v1.manifest["shards"])]
+    assert old_shards == v1.manifest["shards"]  # kept, still pointing at v1's folder
+    new_shards = v2.manifest["shards"][len(v1.manifest["shards"]) :]
+    assert new_shards and all(shard["dataset"] == v2.fingerprint for shard in new_shards)
+    last_v1 = {s["split"]: s["name"] for s in v1.manifest["shards"]}
+    assert all(s["name"] > last_v1.get(s["split"], "") for s in new_shards)
+    assert v2.manifest["classes"][:3] == v1.manifest["classes"]  # labels never move
+    assert v2.manifest["classes"][3] == "hstripes"
+    v2_index = pq.read_table(io.BytesIO((v2.location / "index.parquet").read_bytes())).to_pylist()
+    assert v2_index[: len(v1_index)] == v1_index  # every old key in its old shard
+    assert len(v2_index) == 3 * 12 + 3 * 6 + 6
+    check_dataset(v2, len(v2_index), set())
+    assert set(Location(v2.location.uri).list_files()) == {
+        MANIFEST, "index.parquet", "classes.json", *(f"{s['split']}/{s['name'][:-4]}.{e}" for s in new_shards for e in ("tar", "json"))
+    }  # fmt: skip
+
+
+def test_verify_finds_damage_and_cli(ray_local, corpus, tracking_uri, tmp_path, capsys):
+    result = run_pipeline(make_config(tmp_path / "root", corpus.path, tracking_uri), only="shard")["shard"]
+    assert vq2(["verify", result.location.uri]) == 0
+    shard = result.location / "train/shard-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 0xFF  # flip a byte inside the first member's payload
+    shard.write_bytes(bytes(data))
+    problems = verify(result.location)
+    assert any("sha256 differs" in problem for problem in problems)
+    assert vq2(["verify", result.location.uri]) == 1
+    assert "problems" in capsys.readouterr().out
+
+
+def test_listing_file_input(ray_local, corpus, tracking_uri, tmp_path):
+    listing = tmp_path / "listing.txt"
+    wanted = ["train/circle/train-000000.jpg", "val/square/val-000001.jpg"]
+    listing.write_text("\n".join(wanted + ["../../etc/passwd", "/abs/x.jpg", "train/circle/missing.jpg"]) + "\n")
+    cfg = make_config(tmp_path / "root", corpus.path, tracking_uri, listing=str(listing))
+    manifest = run_pipeline(cfg, only="shard")["shard"].manifest
+    assert manifest["counts"] == {"inputs": 5, "accepted": 2, "rejected": 3}
+    reasons = {item["path"]: item["reason"] for item in manifest["rejected"]}
+    assert reasons["../../etc/passwd"] == reasons["/abs/x.jpg"] == "not in <split>/<class>/<file> layout"
+    assert reasons["train/circle/missing.jpg"].startswith("unreadable file: FileNotFoundError")
+
+
+def test_tracking_server_unreachable_does_not_stop_the_stage(ray_local, corpus, tmp_path):
+    cfg = make_config(tmp_path / "root", corpus.path, f"http://127.0.0.1:{free_port()}")
+    result = run_pipeline(cfg, only="shard")["shard"]
+    assert result.manifest["run_id"] is None
+    assert result.manifest["tracking_failures"]
+    assert verify(result.location) == []
+
+
+def test_s3_end_to_end_with_real_mlflow_server(ray_local, s3_env, mlflow_server, tmp_path):
+    source = Location(s3_env.uri("corpus"))
+    demo_data.synthetic(source, per_class=6, val_per_class=2, size=(40, 40), classes=3, with_bad_files=True)
+    cfg = make_config(s3_env.uri("root"), source.uri, mlflow_server)
+    result = run_pipeline(cfg, only="shard")["shard"]
+    assert result.location.uri == s3_env.uri(f"root/shard/{result.fingerprint}")
+    check_dataset(result, 3 * 8 + len(demo_data.bad_files(8, 8)), BAD_REJECTED)
+    assert result.manifest["tracking_failures"] == []
+    listed = Location(s3_env.uri("root")).list_files()
+    assert not [key for key in listed if ".tmp" in key]
+
+    again = run_pipeline(cfg, only="shard")["shard"]
+    assert again.cached and Location(s3_env.uri("root")).list_files() == listed
+
+    # Nothing about credentials reaches MLflow.
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(result.manifest["run_id"])
+    recorded = str(run.data.params) + str(run.data.tags)
+    recorded += open(
+        client.download_artifacts(run.data.tags["mlflow.parentRunId"], "config.yaml", str(tmp_path))
+    ).read()
+    assert s3_env.secret not in recorded and s3_env.key not in recorded
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_then_rerun_writes_only_the_rest(ray_local, tracking_uri, tmp_path):
+    source = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(source, per_class=60, val_per_class=0, size=(300, 260), classes=4)
+    cfg = make_config(tmp_path / "root", source.path, tracking_uri, splits=["train"], shard_size=4)
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(to_yaml(cfg))
+    # The driver joins this test's Ray, so killing it leaves no Ray processes behind.
+    address = ray.get_runtime_context().gcs_address
+    command = [str(BIN / "vq2"), "shard", "--config", str(config_file), f"ray.address={address}", "ray.num_workers=1"]
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    shards = Location(str(tmp_path / "root/shard"))
+    deadline = time.monotonic() + 120
+    try:
+        while sum(key.endswith(".json") for key in shards.list_files()) < 3:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard finished in 120 s"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait()
+    files = snapshot(shards)
+    assert not any(key.endswith(MANIFEST) for key in files)
+    # Complete shards (tar and record) must survive as they are; a tar without its record is redone.
+    done = [key[: -len(".json")] for key in files if key.endswith(".json")]
+    survivors = {key: files[key] for stem in done for key in (f"{stem}.json", f"{stem}.tar")}
+
+    result = run_pipeline(cfg, only="shard")["shard"]
+    after = snapshot(result.location)
+    assert all(after[key.split("/", 1)[1]] == value for key, value in survivors.items())  # kept, not rewritten
+    assert len(result.manifest["shards"]) == 60 and result.manifest["counts"]["accepted"] == 240
+    assert verify(result.location) == []

@@ -1,0 +1,117 @@
+"""Stage 1 with Ray Train: 2-worker DDP on the shards, checkpoints on storage, failures, resume, errors."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import demo_data
+from pipeline.checkpoints import load_model
+from pipeline.config import parse_config
+from pipeline.runner import StageFailed, run_pipeline
+from pipeline.storage import Location
+from pipeline.train_vqvae import MODEL_FILE
+
+# 8 classes x 24 train images at 64 a shard: 3 train shards, which 2 workers cannot split evenly.
+PER_CLASS, VAL_PER_CLASS = 24, 4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Location:
+    out = Location(str(tmp_path_factory.mktemp("corpus")))
+    demo_data.synthetic(out, PER_CLASS, VAL_PER_CLASS, size=(32, 32))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def make_config(root, source, tracking_uri, **train):
+    tree = {
+        "storage": {"root": str(root)},
+        "dataset": {"source": str(source), "image_size": 32, "shard_size": 64},
+        "ray": {"num_workers": 2},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "train-vqvae-tests", "request_retries": 0},
+        "train_vqvae": {
+            "num_workers": 2, "batch_size": 16, "steps": 30, "lr": 3e-3, "checkpoint_every": 10,
+            "validate_every": 15, "log_every": 5, "loader_workers": 1, "shuffle_buffer": 64, "val_samples": 32,
+        } | train,
+    }
+    return parse_config(tree, "test.yaml")
+
+
+@pytest.mark.slow
+def test_two_workers_train_checkpoint_and_track(ray_local, corpus, tracking_uri, tmp_path):
+    cfg = make_config(tmp_path / "root", corpus, tracking_uri)
+    results = run_pipeline(cfg, only="shard") | run_pipeline(cfg, only="train_vqvae")
+    assert len(results["shard"].location.list_files()) > 0
+    manifest = results["train_vqvae"].manifest
+    assert manifest["steps"] == 30 and manifest["grids"] == [[4, 4], [8, 8]]
+    assert manifest["metrics"]["codebook_rank_divergence"] == 0.0  # both ranks hold the same codebooks
+
+    model, extra = load_model(results["train_vqvae"].location / MODEL_FILE, "vqvae")
+    assert extra["step"] == 30
+    codes = model.encode(torch.zeros(2, 3, 32, 32))
+    assert [tuple(c.shape) for c in codes] == [(2, 4, 4), (2, 8, 8)]
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(manifest["run_id"])
+    assert len(client.get_metric_history(run.info.run_id, "recon_loss")) == 6  # every log_every steps
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_mse")}
+    assert sorted(val) == [0, 15, 30] and val[30] < 0.9 * val[0], val  # it learns
+    for name in ("perplexity_level0", "perplexity_level1", "codes_in_use_level1", "images_per_s", "val_mse", "lr"):
+        assert name in run.data.metrics
+    assert run.data.tags["checkpoint"] == manifest["checkpoint"]
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "reconstructions")]
+    assert grids == [f"reconstructions/step_{step:07d}.png" for step in (0, 15, 30)]
+
+    again = run_pipeline(cfg, only="train_vqvae")
+    assert again["train_vqvae"].cached and again["train_vqvae"].fingerprint == results["train_vqvae"].fingerprint
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_its_last_checkpoint(ray_local, corpus, tracking_uri, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VQ2_FAULT_INJECT", f"train_vqvae:25:1:{marker}")
+    cfg = make_config(tmp_path / "root", corpus, tracking_uri, max_failures=1, seed=1)
+    run_pipeline(cfg, only="shard")
+    manifest = run_pipeline(cfg, only="train_vqvae")["train_vqvae"].manifest
+    assert marker.exists()  # rank 1 really died at step 25
+    assert manifest["steps"] == 30
+    assert manifest["metrics"]["resumed_from"] == 20  # the step count continued from the checkpoint
+
+
+@pytest.mark.slow
+def test_crashed_stage_resumes_on_rerun(ray_local, corpus, tracking_uri, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VQ2_FAULT_INJECT", f"train_vqvae:15:0:{marker}")
+    cfg = make_config(tmp_path / "root", corpus, tracking_uri, max_failures=0, steps=20, seed=2)
+    run_pipeline(cfg, only="shard")
+    with pytest.raises(Exception):
+        run_pipeline(cfg, only="train_vqvae")
+    assert marker.exists()
+    manifest = run_pipeline(cfg, only="train_vqvae")["train_vqvae"].manifest
+    assert manifest["steps"] == 20 and manifest["metrics"]["resumed_from"] == 10
+
+
+@pytest.mark.slow
+def test_checkpoints_on_the_s3_server(ray_local, s3_env, corpus, tracking_uri):
+    root = s3_env.uri("train-vqvae")
+    cfg = make_config(root, corpus, tracking_uri, steps=10, validate_every=10)
+    run_pipeline(cfg, only="shard")
+    result = run_pipeline(cfg, only="train_vqvae")["train_vqvae"]
+    assert result.location.uri.startswith("s3://")
+    model, _ = load_model(result.location / MODEL_FILE, "vqvae")
+    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="train-vqvae/")["Contents"]]
+    assert any("/ray_train/checkpoint_" in key for key in keys)
+    assert result.manifest["checkpoint"].startswith(f"{s3_env.bucket}/train-vqvae/train_vqvae/")
+
+
+def test_bad_configs_fail_fast(ray_local, corpus, tracking_uri, tmp_path):
+    cfg = make_config(tmp_path / "root", corpus, tracking_uri, num_workers=8)
+    with pytest.raises(RuntimeError, match="shard output .* is not complete"):
+        run_pipeline(cfg, only="train_vqvae")  # no dataset yet
+    run_pipeline(cfg, only="shard")
+    with pytest.raises(StageFailed, match=r"train_vqvae.num_workers=8 .* needs 8 CPUs; the Ray cluster has 2"):
+        run_pipeline(cfg, only="train_vqvae")
