@@ -85,8 +85,26 @@ def _demo(overrides: list[str]) -> int:
             logging.getLogger("vq2").warning("%s\nUsing the synthetic corpus instead.", error)
             demo_data.synthetic(source, per_class=100, val_per_class=20, size=(32, 32), with_bad_files=True)
     results = run_pipeline(cfg, command="demo")
-    print(json.dumps({name: str(result.location) for name, result in results.items()}, indent=1))
+    for name, result in results.items():
+        print(f"{name}: {'cached' if result.cached else 'done'} {result.location}")
+    print(_where_to_look(cfg, results))
     return 0
+
+
+def _where_to_look(cfg, results) -> str:
+    """The closing lines of the demo: the MLflow UI, the pictures and the headline numbers."""
+    uri = tracking_uri(cfg)
+    ui = f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite") else uri
+    lines = ["", "Where to look:", f"  MLflow UI:        {ui}   (then open http://127.0.0.1:5000)"]
+    if "sample" in results:
+        lines.append(f"  sample grid:      {results['sample'].location / results['sample'].manifest['grid']}")
+    if "evaluate" in results:
+        evaluation = results["evaluate"]
+        lines.append(f"  trade-off plot:   {evaluation.location / evaluation.manifest['artifacts']['plot']}")
+        lines.append(f"  metrics summary:  {evaluation.location / evaluation.manifest['artifacts']['summary']}")
+        summary = (evaluation.location / evaluation.manifest["artifacts"]["summary"]).read_json()["metrics"]
+        lines += [f"    {name:<28} {value:.4g}" for name, value in sorted(summary.items())]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

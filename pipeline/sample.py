@@ -108,7 +108,7 @@ class SampleActor:
         started = time.perf_counter()
         number = int(batch["batch"][0])
         maybe_inject_fault(self.fault, NAME, number)
-        labels = torch.as_tensor(np.asarray(batch["labels"][0]), dtype=torch.long)
+        labels = torch.tensor(np.asarray(batch["labels"][0]).tolist(), dtype=torch.long)
         indices, seeds = list(batch["indices"][0]), [int(s) for s in batch["seeds"][0]]
         codes = sample_codes(self.priors, labels.to(self.device), seeds, self.temperatures, self.top_ks)
         images = self.vqvae.decode_codes(codes)
@@ -181,7 +181,7 @@ def _grids(table: pa.Table, accepted: np.ndarray, vqvae, layout: CodesLayout, pe
     _, codes = table_tensors(table, layout)
 
     def decode(rows: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(np.ascontiguousarray(rows))
+        index = torch.tensor(rows.tolist(), dtype=torch.long)  # a reversed numpy slice has negative strides
         return to_uint8(vqvae.decode_codes([c[index].long() for c in codes]))
 
     samples, split = [], []

@@ -16,7 +16,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-from ray.train.torch import TorchTrainer
 
 from models.classifier import ClassifierConfig, ResNetClassifier, classifier_tiny
 from pipeline import training
@@ -39,13 +38,6 @@ VAL_BATCH = 128
 def classifier_config(section: TrainClassifierConfig, num_classes: int) -> ClassifierConfig:
     base = classifier_tiny(num_classes) if section.preset == "tiny" else ClassifierConfig(num_classes=num_classes)
     return dataclasses.replace(base, **section.model)
-
-
-def _shards(dataset: Dataset, split: str):
-    shards = dataset.shards(split)
-    if not shards:
-        raise ValueError(f"dataset {dataset.location} has no {split!r} shards; train_classifier needs train and val")
-    return shards
 
 
 def _all_reduce_sum(values: list[float], dev: torch.device) -> list[float]:
@@ -98,13 +90,7 @@ def train_loop(config: dict) -> None:
 
     model = ResNetClassifier(config["model_config"]).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
-    step = 0
-    state = training.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    resumed_from = step
+    step = resumed_from = training.restore(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model)
 
     # Each rank streams its own train shards (round-robin), repeating, so all ranks take the same number of
@@ -169,28 +155,12 @@ def train_loop(config: dict) -> None:
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_classifier
     dataset = Dataset.open(ctx.upstream["shard"].location)
-    if cfg.dataset.image_size is None:
-        raise ValueError("train_classifier batches images of one size: set dataset.image_size")
+    train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = classifier_config(section, len(dataset.classes))
     training.check_resources(section, NAME)
-    train_shards, val_shards = _shards(dataset, "train"), _shards(dataset, "val")
-    if len(train_shards) < section.num_workers:
-        raise ValueError(
-            f"train_classifier.num_workers={section.num_workers} but the dataset has only {len(train_shards)} "
-            "train shards: every worker streams its own shards; lower dataset.shard_size or the worker count"
-        )
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
-            "run_id": ctx.tracking.run_id, "fault": fault_spec(),
-        },
-        scaling_config=training.scaling_config(section),
-        run_config=training.run_config(ctx.output, section),
-    )
-    result = trainer.fit()
-    state = training.read_checkpoint_state(result.checkpoint)
+    loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
+                   "run_id": ctx.tracking.run_id, "fault": fault_spec()}
+    result, state = training.fit(train_loop, loop_config, section, ctx.output)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     val = {k: metrics[f"val_{k}"] for k in ("top1", "top5", "loss") if f"val_{k}" in metrics}
     model = model_from_state("classifier", dataclasses.asdict(model_config), state["model"])

@@ -10,7 +10,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
-from ray.train.torch import TorchTrainer
 
 from models import prior as priors
 from models.prior import CodePrior, PriorConfig
@@ -86,13 +85,7 @@ def train_loop(config: dict) -> None:
 
     model = CodePrior(config["prior_config"]).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
-    step = 0
-    state = training.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    resumed_from = step
+    step = resumed_from = training.restore(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model)
     conditional = model.cfg.num_classes > 0
 
@@ -103,6 +96,7 @@ def train_loop(config: dict) -> None:
     running = []
 
     while step < section.steps:
+        steps_before = step
         # Ray Data splits the rows equally, so every rank sees the same number of batches per pass.
         for batch in shard.iter_batches(batch_size=section.batch_size, batch_format="pyarrow", drop_last=True,
                                         local_shuffle_buffer_size=4 * section.batch_size):
@@ -142,6 +136,9 @@ def train_loop(config: dict) -> None:
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "seed": section.seed, "world_size": world}
                 training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
+        if step == steps_before:  # a pass without a whole batch would loop forever
+            raise RuntimeError(f"train_prior {name}: this worker's share of the rows holds no batch of "
+                               f"{section.batch_size}")
 
 
 def _head(files: list[Location], rows: int) -> pa.Table:
@@ -192,19 +189,12 @@ def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: 
     # than the JPEGs), every epoch then streams from the object store, and read tasks never wait
     # on CPUs that the training workers hold.
     dataset = ray_dataset(ctx.upstream["encode"], "train")[0].materialize()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": cfg, "level": level, "name": name, "prior_config": prior_config, "layout": layout,
-            "files": files, "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
-            "run_id": ctx.tracking.run_id, "fault": fault_spec(),
-        },
-        scaling_config=training.scaling_config(section),
-        run_config=training.run_config(ctx.output / name, section),
-        datasets={"train": dataset},
-    )
-    result = trainer.fit()
-    state = training.read_checkpoint_state(result.checkpoint)
+    loop_config = {
+        "cfg": cfg, "level": level, "name": name, "prior_config": prior_config, "layout": layout, "files": files,
+        "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
+        "run_id": ctx.tracking.run_id, "fault": fault_spec(),
+    }
+    result, state = training.fit(train_loop, loop_config, section, ctx.output / name, {"train": dataset})
     model = model_from_state("prior", dataclasses.asdict(prior_config), state["model"])
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     save_model(ctx.output / name / MODEL_FILE, "prior", model, level=name, step=state["step"], metrics=metrics)
@@ -220,6 +210,10 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         files[split], layout = code_files(ctx.upstream["encode"], split)
         if not files[split]:
             raise ValueError(f"encode output {ctx.upstream['encode'].location} has no {split!r} code tables")
+    rows = sum(entry["rows"] for entry in ctx.upstream["encode"].manifest["files"]["train"])
+    if rows < section.num_workers * section.batch_size:
+        raise ValueError(f"train_prior: {rows} training rows cannot give each of train_prior.num_workers="
+                         f"{section.num_workers} workers a batch of train_prior.batch_size={section.batch_size}")
     num_classes = len(ctx.upstream["shard"].manifest["classes"])
     configs = prior_configs(section, layout, num_classes)
 

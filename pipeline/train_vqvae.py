@@ -6,7 +6,6 @@ import dataclasses
 import ray.train
 import ray.train.torch
 import torch
-from ray.train.torch import TorchTrainer
 
 from models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig
 from pipeline import training
@@ -29,13 +28,6 @@ def vqvae_config(section: TrainVQVAEConfig) -> VQVAEConfig:
     return dataclasses.replace(VQVAE_PRESETS[section.preset](), **section.model)
 
 
-def _shards(dataset: Dataset, split: str):
-    shards = dataset.shards(split)
-    if not shards:
-        raise ValueError(f"dataset {dataset.location} has no {split!r} shards; train_vqvae needs train and val splits")
-    return shards
-
-
 def train_loop(config: dict) -> None:
     """The per-worker training function (a Ray Train worker runs one copy per rank)."""
     cfg: PipelineConfig = config["cfg"]
@@ -47,13 +39,7 @@ def train_loop(config: dict) -> None:
 
     model = VQVAE(config["model_config"]).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
-    step = 0
-    state = training.load_checkpoint()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-    resumed_from = step
+    step = resumed_from = training.restore(model, optimizer)
     # The EMA codebooks sync themselves (all-reduce); DDP must not overwrite them from rank 0 on
     # every forward (it still syncs them once at start, which a resume relies on).
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
@@ -152,29 +138,13 @@ def _validate(model: VQVAE, images: torch.Tensor, tracking, step: int, dev) -> d
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_vqvae
     dataset = Dataset.open(ctx.upstream["shard"].location)
-    if cfg.dataset.image_size is None:
-        raise ValueError("train_vqvae needs square images of one size: set dataset.image_size")
+    train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = vqvae_config(section)
     model_config.grid_shapes(cfg.dataset.image_size)  # fails early if the size does not divide into the levels
     training.check_resources(section, NAME)
-    train_shards, val_shards = _shards(dataset, "train"), _shards(dataset, "val")
-    if len(train_shards) < section.num_workers:
-        raise ValueError(
-            f"train_vqvae.num_workers={section.num_workers} but the dataset has only {len(train_shards)} train "
-            "shards: every worker streams its own shards; lower dataset.shard_size or the worker count"
-        )
-
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
-            "run_id": ctx.tracking.run_id, "fault": fault_spec(),
-        },
-        scaling_config=training.scaling_config(section),
-        run_config=training.run_config(ctx.output, section),
-    )
-    result = trainer.fit()
-    state = training.read_checkpoint_state(result.checkpoint)
+    loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
+                   "run_id": ctx.tracking.run_id, "fault": fault_spec()}
+    result, state = training.fit(train_loop, loop_config, section, ctx.output)
     model = model_from_state("vqvae", dataclasses.asdict(model_config), state["model"])
     save_model(ctx.output / MODEL_FILE, "vqvae", model, step=state["step"], image_size=cfg.dataset.image_size)
     ctx.tracking.set_tags({"checkpoint": result.checkpoint.path, "model_uri": (ctx.output / MODEL_FILE).uri})

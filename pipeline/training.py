@@ -14,8 +14,10 @@ import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from pipeline.config import PipelineConfig, TrainerConfig
+from pipeline.dataset import Dataset
 from pipeline.storage import Location
 from pipeline.tracking import StageRun, Tracker
 
@@ -95,13 +97,45 @@ def autocast(section: TrainerConfig, dev: torch.device):
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=section.bf16 and dev.type == "cuda")
 
 
-def load_checkpoint() -> dict | None:
-    """The state of the latest checkpoint of this run (after a restart or resume), else None."""
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the latest checkpoint of this run (after a restart or a resume) into model and optimizer;
+    returns the step to continue from (0 for a fresh run)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        return 0
+    state = read_checkpoint_state(checkpoint)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def image_shards(dataset: Dataset, section: TrainerConfig, stage: str, image_size: int | None):
+    """(train, val) shard locations for an image-training stage, with every precondition checked."""
+    if image_size is None:
+        raise ValueError(f"{stage} batches images of one size: set dataset.image_size")
+    splits = {split: dataset.shards(split) for split in ("train", "val")}
+    for split, shards in splits.items():
+        if not shards:
+            raise ValueError(f"dataset {dataset.location} has no {split!r} shards; {stage} needs train and val splits")
+    if len(splits["train"]) < section.num_workers:
+        raise ValueError(
+            f"{stage}.num_workers={section.num_workers} but the dataset has only {len(splits['train'])} train "
+            "shards: every worker streams its own shards; lower dataset.shard_size or the worker count"
+        )
+    return splits["train"], splits["val"]
+
+
+def fit(train_loop, loop_config: dict, section: TrainerConfig, output: Location, datasets: dict | None = None):
+    """Run a TorchTrainer with the section's scaling and checkpoints under `output`; (result, final state)."""
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(section),
+        run_config=run_config(output, section),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return result, read_checkpoint_state(result.checkpoint)
 
 
 def report(metrics: dict, state: dict | None = None) -> None:
