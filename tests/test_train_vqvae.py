@@ -95,19 +95,6 @@ def test_crashed_stage_resumes_on_rerun(ray_local, corpus, tracking_uri, tmp_pat
     assert manifest["steps"] == 20 and manifest["metrics"]["resumed_from"] == 10
 
 
-@pytest.mark.slow
-def test_checkpoints_on_the_s3_server(ray_local, s3_env, corpus, tracking_uri):
-    root = s3_env.uri("train-vqvae")
-    cfg = make_config(root, corpus, tracking_uri, steps=10, validate_every=10)
-    run_pipeline(cfg, only="shard")
-    result = run_pipeline(cfg, only="train_vqvae")["train_vqvae"]
-    assert result.location.uri.startswith("s3://")
-    model, _ = load_model(result.location / MODEL_FILE, "vqvae")
-    keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="train-vqvae/")["Contents"]]
-    assert any("/ray_train/checkpoint_" in key for key in keys)
-    assert result.manifest["checkpoint"].startswith(f"{s3_env.bucket}/train-vqvae/train_vqvae/")
-
-
 def test_bad_configs_fail_fast(ray_local, corpus, tracking_uri, tmp_path):
     cfg = make_config(tmp_path / "root", corpus, tracking_uri, num_workers=8)
     with pytest.raises(RuntimeError, match="shard output .* is not complete"):
