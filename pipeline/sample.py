@@ -142,9 +142,9 @@ def run_batches(todo: list[dict], actor_args: dict, section: SampleConfig) -> Pr
         return progress
     pool = ray.data.from_items(todo).map_batches(
         SampleActor, fn_constructor_kwargs=actor_args, batch_size=1, concurrency=min(section.num_actors, len(todo)),
+        # Ray Data restarts a dead actor and retries its batch (its default for actor pools); a finished
+        # batch is never redone because its files are already complete.
         num_gpus=1 if section.use_gpu else 0,
-        # A dead actor is replaced and its batch retried; finished batches are never redone.
-        max_restarts=3, max_task_retries=3,
     )
     for row in pool.iter_rows():
         progress.advance(1, int(row["samples"]))
@@ -225,8 +225,10 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     (ctx.output / "samples.png").write_bytes(samples_png)
     metrics = {
         "samples": len(table), "accepted": int(accepted.sum()), "acceptance_rate": float(accepted.mean()),
-        "mean_score": float(scores.mean()), "samples_per_s": progress.rate, "sampled_batches": len(todo),
+        "mean_score": float(scores.mean()), "sampled_batches": len(todo),
     }
+    if todo:  # a rerun that finds every batch written has no rate to report
+        metrics["samples_per_s"] = progress.rate
     ctx.tracking.log_metrics(metrics)
     return {
         "batches": len(batches),

@@ -154,10 +154,10 @@ def train_loop(config: dict) -> None:
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_classifier
+    training.check_resources(section, NAME)
     dataset = Dataset.open(ctx.upstream["shard"].location)
     train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = classifier_config(section, len(dataset.classes))
-    training.check_resources(section, NAME)
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
                    "run_id": ctx.tracking.run_id, "fault": fault_spec()}
     result, state = training.fit(train_loop, loop_config, section, ctx.output)

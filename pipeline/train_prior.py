@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pyarrow as pa
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -183,12 +184,9 @@ def _validate(model: CodePrior, config: dict, evaluation: dict, tracking, step: 
     return metrics
 
 
-def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: PriorConfig, files, layout) -> dict:
+def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: PriorConfig, files, layout,
+                 dataset: ray.data.Dataset) -> dict:
     section = cfg.train_prior
-    # Read once, before the trainer takes the CPUs: the code tables are small (int16, ~30x smaller
-    # than the JPEGs), every epoch then streams from the object store, and read tasks never wait
-    # on CPUs that the training workers hold.
-    dataset = ray_dataset(ctx.upstream["encode"], "train")[0].materialize()
     loop_config = {
         "cfg": cfg, "level": level, "name": name, "prior_config": prior_config, "layout": layout, "files": files,
         "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
@@ -217,7 +215,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     num_classes = len(ctx.upstream["shard"].manifest["classes"])
     configs = prior_configs(section, layout, num_classes)
 
-    levels = {}
+    levels, dataset = {}, None
     for level, (name, prior_config) in enumerate(configs.items()):
         model_file = ctx.output / name / MODEL_FILE
         if model_file.exists():  # finished before a crash: keep it
@@ -225,7 +223,12 @@ def run(cfg: PipelineConfig, ctx) -> dict:
             levels[name] = {"model": f"{name}/{MODEL_FILE}", "steps": extra["step"], "metrics": extra["metrics"],
                             "prior_config": dataclasses.asdict(prior_config)}
             continue
-        levels[name] = _train_level(cfg, ctx, level, name, prior_config, files, layout)
+        if dataset is None:
+            # Read once for every level, before the trainer takes the CPUs: the code tables are small
+            # (int16, ~30x smaller than the JPEGs), every epoch then streams from the object store, and
+            # read tasks never wait on CPUs that the training workers hold.
+            dataset = ray_dataset(ctx.upstream["encode"], "train")[0].materialize()
+        levels[name] = _train_level(cfg, ctx, level, name, prior_config, files, layout, dataset)
     summary = {f"{name}_{split}_nll_bits": info["metrics"].get(f"{name}_{split}_nll_bits")
                for name, info in levels.items() for split in ("train", "val")}
     ctx.tracking.log_metrics({k: v for k, v in summary.items() if v is not None})

@@ -137,11 +137,11 @@ def _validate(model: VQVAE, images: torch.Tensor, tracking, step: int, dev) -> d
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_vqvae
+    training.check_resources(section, NAME)
     dataset = Dataset.open(ctx.upstream["shard"].location)
     train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = vqvae_config(section)
     model_config.grid_shapes(cfg.dataset.image_size)  # fails early if the size does not divide into the levels
-    training.check_resources(section, NAME)
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
                    "run_id": ctx.tracking.run_id, "fault": fault_spec()}
     result, state = training.fit(train_loop, loop_config, section, ctx.output)

@@ -206,12 +206,12 @@ TINY_UPSTREAM = {
     "dataset": {"image_size": 32, "shard_size": 64},
     "ray": {"num_workers": 2},
     "train_vqvae": {
-        "num_workers": 2, "batch_size": 16, "steps": 40, "lr": 3e-3, "checkpoint_every": 40, "validate_every": 40,
+        "num_workers": 2, "batch_size": 16, "steps": 40, "lr": 3e-3, "checkpoint_every": 40, "validate_every": 20,
         "log_every": 10, "loader_workers": 0, "shuffle_buffer": 64, "val_samples": 32,
     },
     "encode": {"num_actors": 2, "batch_size": 32},
     "train_classifier": {
-        "num_workers": 2, "batch_size": 16, "steps": 30, "lr": 3e-3, "checkpoint_every": 30, "validate_every": 30,
+        "num_workers": 2, "batch_size": 16, "steps": 60, "lr": 3e-3, "checkpoint_every": 30, "validate_every": 30,
         "log_every": 10, "loader_workers": 0,
     },
     "train_prior": {

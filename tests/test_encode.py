@@ -11,60 +11,32 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import demo_data
 from pipeline.checkpoints import load_model
 from pipeline.codes import METADATA_KEY, CodesLayout, CodesSchemaError, codes_table, read_codes, table_tensors, write_codes
-from pipeline.config import parse_config
 from pipeline.dataset import Dataset
 from pipeline.encode import code_files, ray_dataset, read_split
 from pipeline.runner import run_pipeline
 from pipeline.shard_reader import batch_loader, to_model_range
 from pipeline.storage import Location
 
-# 8 classes x 12 train / 4 val images at 20 a shard: 5 train shards, 2 val shards.
-PER_CLASS, VAL_PER_CLASS, SHARD_SIZE = 12, 4, 20
-ENCODE_BATCH = 8
-
-
-def make_config(root, corpus: Location, tracking_uri: str, **encode):
-    tree = {
-        "storage": {"root": str(root)},
-        "dataset": {"source": corpus.uri, "image_size": 32, "shard_size": SHARD_SIZE},
-        "ray": {"num_workers": 2},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "encode-tests", "request_retries": 0},
-        "train_vqvae": {
-            "num_workers": 1, "batch_size": 16, "steps": 5, "checkpoint_every": 5, "validate_every": 5,
-            "log_every": 5, "loader_workers": 0, "shuffle_buffer": 0, "val_samples": 16,
-        },
-        "encode": {"num_actors": 2, "batch_size": ENCODE_BATCH} | encode,
-    }
-    return parse_config(tree, "test.yaml")
+# The session's tiny pipeline: 8 classes x 24 train / 4 val images at 64 a shard, 3 train shards and 1 val shard.
+PER_CLASS, VAL_PER_CLASS, SHARDS = 24, 4, 4
+DECODE_BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, _ray_session, s3_server):
-    """A sharded corpus and a (barely) trained VQ-VAE on a local root, made once for this module."""
-    if not ray.is_initialized():  # as the ray_local fixture does, at module scope
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": s3_server.env})
-    folder = tmp_path_factory.mktemp("encode")
-    corpus = Location(str(folder / "corpus"))
-    demo_data.synthetic(corpus, PER_CLASS, VAL_PER_CLASS, size=(32, 32))
-    tracking_uri = f"sqlite:///{folder}/mlflow.db"
-    cfg = make_config(folder / "root", corpus, tracking_uri)
-    run_pipeline(cfg, only="shard")
-    results = run_pipeline(cfg, only="train_vqvae")
-    return {"folder": folder, "corpus": corpus, "tracking_uri": tracking_uri, "results": results}
+def trained(tiny_pipeline) -> dict:
+    """The shard and train_vqvae results of the session's tiny pipeline (reused, not retrained)."""
+    return run_pipeline(tiny_pipeline.config(), only="train_vqvae")
 
 
 @pytest.fixture(scope="module")
-def encoded(trained):
-    """The encode stage run once on the local root (2 actors)."""
-    cfg = make_config(trained["folder"] / "root", trained["corpus"], trained["tracking_uri"])
-    return run_pipeline(cfg, only="encode")["encode"]
+def encoded(tiny_pipeline):
+    """The encode stage of the tiny pipeline (2 actors, on its local root)."""
+    return run_pipeline(tiny_pipeline.config(), only="encode")["encode"]
 
 
 def expected_schema(layout: CodesLayout) -> pa.Schema:
@@ -105,18 +77,17 @@ def check_output(result, shard_result, vqvae_result) -> None:
 
 
 @pytest.mark.slow
-def test_encode_local_counts_schema_and_tracking(encoded, trained):
-    results = trained["results"]
-    assert not encoded.cached and encoded.location.uri.startswith(str(trained["folder"]))
-    check_output(encoded, results["shard"], results["train_vqvae"])
+def test_encode_local_counts_schema_and_tracking(encoded, trained, tiny_pipeline):
+    assert encoded.location.uri.startswith(tiny_pipeline.root)
+    check_output(encoded, trained["shard"], trained["train_vqvae"])
     manifest = encoded.manifest
-    assert manifest["shards_encoded"] == 7 and manifest["shards_resumed"] == 0
-    assert manifest["layout"]["vqvae_fingerprint"] == results["train_vqvae"].fingerprint
+    assert manifest["shards_encoded"] == SHARDS and manifest["shards_resumed"] == 0
+    assert manifest["layout"]["vqvae_fingerprint"] == trained["train_vqvae"].fingerprint
     assert 0 < manifest["val_recon_mse"] < 4 and manifest["images_per_s"] > 0
     # The reconstruction error of the val split agrees with train_vqvae's own validation (its first 16 images).
-    assert manifest["val_recon_mse"] == pytest.approx(results["train_vqvae"].manifest["metrics"]["val_mse"], rel=0.5)
+    assert manifest["val_recon_mse"] == pytest.approx(trained["train_vqvae"].manifest["metrics"]["val_mse"], rel=0.5)
 
-    client = MlflowClient(trained["tracking_uri"])
+    client = MlflowClient(tiny_pipeline.tracking_uri)
     run = client.get_run(manifest["run_id"])
     for name in ("encode_images_per_s", "val_recon_mse", "code_usage_level0", "code_usage_level1",
                  "code_perplexity_level0", "code_perplexity_level1"):
@@ -143,9 +114,9 @@ def test_codes_decode_to_the_vqvae_reconstruction(encoded, trained):
     model, _ = load_model(Location(layout.vqvae_model), "vqvae")
     _, codes = table_tensors(table, layout)
     row_of = {key: i for i, key in enumerate(table.column("key").to_pylist())}
-    dataset = Dataset.open(trained["results"]["shard"].location)
+    dataset = Dataset.open(trained["shard"].location)
     checked = 0
-    for keys, images, labels in batch_loader(dataset.shards("val"), ENCODE_BATCH, repeat=False):
+    for keys, images, labels in batch_loader(dataset.shards("val"), DECODE_BATCH, repeat=False):
         x = to_model_range(images)
         expected = model.encode(x)
         rows = torch.tensor([row_of[key] for key in keys])
@@ -159,31 +130,29 @@ def test_codes_decode_to_the_vqvae_reconstruction(encoded, trained):
 
 
 @pytest.mark.slow
-def test_rerun_is_cached_and_writes_nothing(encoded, trained):
+def test_rerun_is_cached_and_writes_nothing(encoded, tiny_pipeline):
     before = {key: os.stat(os.path.join(encoded.location.path, key)).st_mtime_ns for key in encoded.location.list_files()}
-    cfg = make_config(trained["folder"] / "root", trained["corpus"], trained["tracking_uri"])
-    again = run_pipeline(cfg, only="encode")["encode"]
+    again = run_pipeline(tiny_pipeline.config(), only="encode")["encode"]
     assert again.cached and again.fingerprint == encoded.fingerprint
     after = {key: os.stat(os.path.join(encoded.location.path, key)).st_mtime_ns for key in encoded.location.list_files()}
     assert after == before
 
 
 @pytest.mark.slow
-def test_encode_on_the_s3_server_and_resume_after_a_crash(trained, s3_env):
+def test_encode_on_the_s3_server_and_resume_after_a_crash(trained, tiny_pipeline, s3_env):
     # The upstream outputs copied to the S3 root under the same fingerprints: the encode stage reads
     # the tars and the model from S3 and writes its tables there.
-    results = trained["results"]
     root = Location(s3_env.uri("encode-test"))
     for stage in ("shard", "train_vqvae"):
-        source = results[stage].location
+        source = trained[stage].location
         for key in source.list_files():
             if not key.startswith("ray_train/"):
-                (root / stage / results[stage].fingerprint / key).write_bytes((source / key).read_bytes())
-    cfg = make_config(root.uri, trained["corpus"], trained["tracking_uri"])
+                (root / stage / trained[stage].fingerprint / key).write_bytes((source / key).read_bytes())
+    cfg = tiny_pipeline.config(storage={"root": root.uri})
     first = run_pipeline(cfg, only="encode")["encode"]
     assert first.location.uri.startswith("s3://") and not first.cached
     assert first.manifest["layout"]["vqvae_model"].startswith("s3://")
-    assert first.manifest["shards_encoded"] == 7
+    assert first.manifest["shards_encoded"] == SHARDS
 
     client, prefix = s3_env.client(), f"encode-test/encode/{first.fingerprint}/"
 
@@ -202,7 +171,7 @@ def test_encode_on_the_s3_server_and_resume_after_a_crash(trained, s3_env):
     time.sleep(1.1)  # S3 LastModified has 1 s resolution: a rewritten object would show a later time
     second = run_pipeline(cfg, only="encode")["encode"]
     assert not second.cached and second.fingerprint == first.fingerprint
-    assert second.manifest["shards_encoded"] == 1 and second.manifest["shards_resumed"] == 6
+    assert second.manifest["shards_encoded"] == 1 and second.manifest["shards_resumed"] == SHARDS - 1
     assert second.manifest["files"] == first.manifest["files"]
     assert second.manifest["val_recon_mse"] == pytest.approx(first.manifest["val_recon_mse"])
     redone = {lost, "stats/" + lost.replace(".parquet", ".json"), "manifest.json"}

@@ -4,79 +4,59 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from conftest import TINY_UPSTREAM
 from models.classifier import ClassifierConfig
 from pipeline import demo_data
 from pipeline.checkpoints import load_model
 from pipeline.config import ConfigError, parse_config
 from pipeline.runner import run_pipeline
-from pipeline.storage import Location
 from pipeline.train_classifier import (
     MODEL_FILE, classification_accuracy_score, evaluate_classifier, fit_classifier,
 )
 
-# 8 classes x 24 train images at 64 a shard: 3 train shards; 8 x 8 val images: one val shard, so the
-# second worker has no val shard of its own (its share of the validation sums is zero).
-PER_CLASS, VAL_PER_CLASS, CLASSES = 24, 8, 8
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Location:
-    out = Location(str(tmp_path_factory.mktemp("corpus")))
-    demo_data.synthetic(out, PER_CLASS, VAL_PER_CLASS, size=(32, 32))
-    return out
-
-
-def make_config(root, source, tracking_uri, **train):
-    tree = {
-        "storage": {"root": str(root)},
-        "dataset": {"source": str(source), "image_size": 32, "shard_size": 64},
-        "ray": {"num_workers": 2},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "train-classifier-tests", "request_retries": 0},
-        "train_classifier": {
-            "num_workers": 2, "batch_size": 16, "steps": 60, "lr": 3e-3, "checkpoint_every": 30,
-            "validate_every": 30, "log_every": 15, "loader_workers": 1, "shuffle_buffer": 64,
-        } | train,
-    }
-    return parse_config(tree, "test.yaml")
+# The session's tiny pipeline: 8 classes x 24 train images at 64 a shard, 3 train shards; 8 x 4 val images,
+# one val shard, so the second worker has no val shard of its own (its share of the validation sums is zero).
+VAL_PER_CLASS, CLASSES = 4, 8
 
 
 @pytest.mark.slow
-def test_two_workers_train_the_classifier_above_chance(ray_local, corpus, tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = make_config(tmp_path / "root", corpus, tracking_uri)
-    run_pipeline(cfg, only="shard")
-    result = run_pipeline(cfg, only="train_classifier")["train_classifier"]
+def test_two_workers_train_the_classifier_above_chance(tiny_pipeline):
+    result = run_pipeline(tiny_pipeline.config(), only="train_classifier")["train_classifier"]
+    assert result.cached  # trained by the session fixture, reused here
     manifest = result.manifest
-    assert manifest["steps"] == 60 and manifest["classes"] == sorted(demo_data.SYNTHETIC_CLASSES)
+    steps = TINY_UPSTREAM["train_classifier"]["steps"]
+    assert manifest["steps"] == steps and manifest["classes"] == sorted(demo_data.SYNTHETIC_CLASSES)
     assert manifest["metrics"]["val_images"] == CLASSES * VAL_PER_CLASS  # every val image, scored once
     val = manifest["val"]
     assert val["top1"] > 2 / CLASSES, val  # chance is 1/8
     assert val["top5"] >= val["top1"]
 
     model, extra = load_model(result.location / MODEL_FILE, "classifier")
-    assert extra["step"] == 60 and extra["image_size"] == 32 and extra["val"] == val
+    assert extra["step"] == steps and extra["image_size"] == 32 and extra["val"] == val
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, CLASSES)
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tiny_pipeline.tracking_uri)
     run = client.get_run(manifest["run_id"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [15, 30, 45, 60]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(10, steps + 1, 10))
     top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
     assert sorted(top1) == [30, 60] and top1[60] == pytest.approx(val["top1"])
     for name in ("train_accuracy", "val_top5", "val_loss", "lr", "images_per_s", "wall_time_s"):
         assert name in run.data.metrics
     assert run.data.tags["model_uri"] == (result.location / MODEL_FILE).uri
 
-    again = run_pipeline(cfg, only="train_classifier")["train_classifier"]
-    assert again.cached and again.fingerprint == result.fingerprint
-
 
 def test_classifier_config_section(tmp_path):
-    cfg = make_config(tmp_path, tmp_path, "sqlite:///x.db", model={"width": 8}, val_samples=100)
+    def config(**train_classifier):
+        tree = {"storage": {"root": str(tmp_path)}, "dataset": {"source": str(tmp_path)},
+                "train_classifier": train_classifier}
+        return parse_config(tree, "test.yaml")
+
+    cfg = config(model={"width": 8}, val_samples=100)
     assert cfg.train_classifier.model == {"width": 8} and cfg.train_classifier.val_samples == 100
     with pytest.raises(ConfigError, match="num_classes comes from the dataset"):
-        make_config(tmp_path, tmp_path, "sqlite:///x.db", model={"num_classes": 3})
+        config(model={"num_classes": 3})
     with pytest.raises(ConfigError, match="unknown model key"):
-        make_config(tmp_path, tmp_path, "sqlite:///x.db", model={"depth": 3})
+        config(model={"depth": 3})
 
 
 def coloured_blobs(count: int, classes: int, seed: int):

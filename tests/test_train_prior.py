@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoints import load_model
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, parse_config
 from pipeline.runner import run_pipeline
 
 
@@ -48,8 +48,13 @@ def test_killed_worker_resumes_each_level_from_its_checkpoint(tiny_pipeline, tmp
     assert manifest["levels"]["bottom"]["steps"] == 20
 
 
-def test_derived_prior_settings_are_not_configurable(tiny_pipeline):
+def test_derived_prior_settings_are_not_configurable(tmp_path):
+    def config(models):
+        tree = {"storage": {"root": str(tmp_path)}, "dataset": {"source": str(tmp_path)},
+                "train_prior": {"models": models}}
+        return parse_config(tree, "test.yaml")
+
     with pytest.raises(ConfigError, match="train_prior.models: .*grid.* come from the code tables"):
-        tiny_pipeline.config(train_prior={"models": {"top": {"grid": [8, 8]}}})
+        config({"top": {"grid": [8, 8]}})
     with pytest.raises(ConfigError, match="unknown model key"):
-        tiny_pipeline.config(train_prior={"models": {"bottom": {"layers": 3}}})
+        config({"bottom": {"layers": 3}})
