@@ -169,8 +169,10 @@ class FeatureActor:
 
 
 def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region) -> list[dict]:
-    """One task per validation shard: the keys of a seeded random subset of the whole split (shards are
-    ordered by class, so a prefix would not do), with the code file that reconstructs them."""
+    """Tasks of at most evaluate.batch_size validation images each: the keys of a seeded random subset of
+    the whole split (shards are ordered by class, so a prefix would not do), with the code file that
+    reconstructs them. Small tasks keep every actor busy to the end; one task per shard would leave a
+    demo-sized split (one shard) to a single actor."""
     entries = encode_result.manifest["files"]["val"]
     shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
     per_file = []
@@ -187,8 +189,9 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
     for entry, keys in zip(entries, per_file):
         picked = chosen[(chosen >= offset) & (chosen < offset + len(keys))] - offset
         offset += len(keys)
-        if len(picked):
-            tasks.append({"kind": "real", "shard": shards[entry["shard"]], "keys": [keys[i] for i in picked],
+        for start in range(0, len(picked), section.batch_size):
+            tasks.append({"kind": "real", "shard": shards[entry["shard"]],
+                          "keys": [keys[i] for i in picked[start : start + section.batch_size]],
                           "codes": (encode_result.location / entry["file"]).uri})
     return tasks
 

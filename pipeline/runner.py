@@ -68,8 +68,13 @@ def cluster_size() -> int:
 
 def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the configured cluster (or start a local Ray) unless this process is already connected."""
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False if cfg.ray.address is None else None)
+    if ray.is_initialized():
+        return
+    if cfg.ray.address is None:
+        ray.init(include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": "pipeline.ray_logs.quiet_placement_group_cleaner"})
+    else:
+        ray.init(address=cfg.ray.address)
 
 
 def read_manifest(location: Location) -> dict | None:

@@ -10,6 +10,7 @@ in-memory tensors in one process: CAS trains it on samples and tests it on real 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import ray.train
@@ -25,6 +26,9 @@ from pipeline.dataset import Dataset
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.metrics import accuracy_scores
 from pipeline.shard_reader import batch_loader, to_model_range
+
+# Ray Train streams worker logs to the driver's console once (a print is teed and shows twice).
+log = logging.getLogger(__name__)
 
 NAME = "train_classifier"
 SECTION = "train_classifier"
@@ -138,14 +142,14 @@ def train_loop(config: dict) -> None:
             loss_sum = correct = seen = 0.0
             tracking.log_metrics(metrics, step)
             if rank == 0:
-                print(f"train_classifier step {step}/{section.steps} loss {metrics['train_loss']:.4f} "
-                      f"accuracy {metrics['train_accuracy']:.3f} {metrics['images_per_s']:.0f} images/s", flush=True)
+                log.info("train_classifier step %d/%d loss %.4f accuracy %.3f %.0f images/s", step, section.steps,
+                         metrics["train_loss"], metrics["train_accuracy"], metrics["images_per_s"])
         if step % section.validate_every == 0 or step == section.steps:
             val_metrics = _validate(model, val_shards, val_limit, dev, section.loader_workers)
             tracking.log_metrics(val_metrics, step)
             if rank == 0:
-                print(f"train_classifier step {step} val top-1 {val_metrics['val_top1']:.3f} "
-                      f"top-5 {val_metrics['val_top5']:.3f}", flush=True)
+                log.info("train_classifier step %d val top-1 %.3f top-5 %.3f", step, val_metrics["val_top1"],
+                         val_metrics["val_top5"])
         if step % section.checkpoint_every == 0 or step == section.steps:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "seed": section.seed, "world_size": world}

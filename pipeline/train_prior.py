@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import pyarrow as pa
@@ -24,6 +25,9 @@ from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.figures import image_grid, png_bytes
 from pipeline.shard_reader import to_uint8
 from pipeline.storage import Location
+
+# Ray Train streams worker logs to the driver's console once (a print is teed and shows twice).
+log = logging.getLogger(__name__)
 
 NAME = "train_prior"
 SECTION = "train_prior"
@@ -127,10 +131,9 @@ def train_loop(config: dict) -> None:
                            f"{name}_images_per_s": throughput.rate(), f"{name}_lr": optimizer.param_groups[0]["lr"]}
                 running = []
                 tracking.log_metrics(metrics, step)
-                if rank == 0:  # worker stdout reaches the driver's console
-                    print(f"train_prior {name} step {step}/{section.steps} "
-                          f"loss {metrics[f'{name}_train_loss_bits']:.3f} bits/dim "
-                          f"{metrics[f'{name}_images_per_s']:.0f} images/s", flush=True)
+                if rank == 0:
+                    log.info("train_prior %s step %d/%d loss %.3f bits/dim %.0f images/s", name, step, section.steps,
+                             metrics[f"{name}_train_loss_bits"], metrics[f"{name}_images_per_s"])
             validate = step % section.validate_every == 0 or step == section.steps
             val_metrics = _validate(model, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
             if step % section.checkpoint_every == 0 or step == section.steps:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+
 import ray.train
 import ray.train.torch
 import torch
@@ -15,6 +17,9 @@ from pipeline.dataset import Dataset
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.figures import image_grid, png_bytes
 from pipeline.shard_reader import batch_loader, to_model_range, to_uint8
+
+# Ray Train streams worker logs to the driver's console once (a print is teed and shows twice).
+log = logging.getLogger(__name__)
 
 NAME = "train_vqvae"
 SECTION = "train_vqvae"
@@ -80,9 +85,9 @@ def train_loop(config: dict) -> None:
         if step % section.log_every == 0 or step == section.steps:
             metrics = _step_metrics(out, optimizer, throughput)
             tracking.log_metrics(metrics, step)
-            if rank == 0:  # worker stdout reaches the driver's console
-                print(f"train_vqvae step {step}/{section.steps} loss {metrics['loss']:.4f} "
-                      f"recon {metrics['recon_loss']:.4f} {metrics['images_per_s']:.0f} images/s", flush=True)
+            if rank == 0:
+                log.info("train_vqvae step %d/%d loss %.4f recon %.4f %.0f images/s", step, section.steps,
+                         metrics["loss"], metrics["recon_loss"], metrics["images_per_s"])
         validate = step % section.validate_every == 0 or step == section.steps
         val_metrics = _validate(model, validation, tracking, step, dev) if validate and rank == 0 else {}
         if step % section.checkpoint_every == 0 or step == section.steps:

@@ -193,11 +193,19 @@ def _ray_session() -> Iterator[None]:
         ray.shutdown()
 
 
+def start_local_ray(s3_server: S3Server) -> None:
+    """A local 2-CPU Ray whose workers reach the S3 server, set up as the pipeline's own local Ray."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={
+            "env_vars": s3_server.env,
+            "worker_process_setup_hook": "pipeline.ray_logs.quiet_placement_group_cleaner",
+        })
+
+
 @pytest.fixture
 def ray_local(_ray_session, s3_server) -> None:
-    """A local 2-CPU Ray whose workers reach the S3 server; started once, again after a cluster test."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": s3_server.env})
+    """The local Ray, started once, and again after a cluster test."""
+    start_local_ray(s3_server)
 
 
 # --- A tiny trained pipeline, made once per session for the stages downstream of training -------------
@@ -260,8 +268,7 @@ def tiny_pipeline(tmp_path_factory, _ray_session, s3_server) -> TinyPipeline:
     folder = tmp_path_factory.mktemp("tiny-pipeline")
     demo_data.synthetic(Location(str(folder / "corpus")), 24, 4, size=(32, 32))
     pipeline = TinyPipeline(str(folder / "corpus"), str(folder / "root"), f"sqlite:///{folder}/mlflow.db")
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": s3_server.env})
+    start_local_ray(s3_server)
     for stage in ("shard", "train_vqvae", "encode", "train_classifier"):
         run_pipeline(pipeline.config(), only=stage)
     return pipeline
