@@ -230,6 +230,14 @@ TINY_UPSTREAM = {
 }
 
 
+def section_config(folder: Path, **sections):
+    """A config with only a storage root, a source and the given sections: for checks that run no stage."""
+    from pipeline.config import parse_config
+
+    tree = {"storage": {"root": str(folder / "root")}, "dataset": {"source": str(folder / "corpus")}}
+    return parse_config(tree | sections, "test.yaml")
+
+
 def deep_merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import ConfigError, EvaluateConfig, parse_config
+from conftest import section_config
+from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.evaluate import PLOT, SUMMARY, external_inputs, frechet, inception_weights, keep_mask
 from pipeline.metrics import fid
 
@@ -14,9 +15,7 @@ NETS = ("inception_v3", "efficientnet_lite0", "classifier")
 
 
 def _config(tmp_path, **evaluate):
-    tree = {"storage": {"root": str(tmp_path / "root")}, "dataset": {"source": str(tmp_path / "corpus")},
-            "evaluate": evaluate}
-    return parse_config(tree, "test.yaml")
+    return section_config(tmp_path, evaluate=evaluate)
 
 
 def test_config_defaults_and_validation(tmp_path):

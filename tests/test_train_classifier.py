@@ -4,11 +4,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY_UPSTREAM
+from conftest import TINY_UPSTREAM, section_config
 from models.classifier import ClassifierConfig
 from pipeline import demo_data
 from pipeline.checkpoints import load_model
-from pipeline.config import ConfigError, parse_config
+from pipeline.config import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.train_classifier import (
     MODEL_FILE, classification_accuracy_score, evaluate_classifier, fit_classifier,
@@ -47,9 +47,7 @@ def test_two_workers_train_the_classifier_above_chance(tiny_pipeline):
 
 def test_classifier_config_section(tmp_path):
     def config(**train_classifier):
-        tree = {"storage": {"root": str(tmp_path)}, "dataset": {"source": str(tmp_path)},
-                "train_classifier": train_classifier}
-        return parse_config(tree, "test.yaml")
+        return section_config(tmp_path, train_classifier=train_classifier)
 
     cfg = config(model={"width": 8}, val_samples=100)
     assert cfg.train_classifier.model == {"width": 8} and cfg.train_classifier.val_samples == 100

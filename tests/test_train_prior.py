@@ -5,8 +5,9 @@ import math
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import section_config
 from pipeline.checkpoints import load_model
-from pipeline.config import ConfigError, parse_config
+from pipeline.config import ConfigError
 from pipeline.runner import run_pipeline
 
 
@@ -50,9 +51,7 @@ def test_killed_worker_resumes_each_level_from_its_checkpoint(tiny_pipeline, tmp
 
 def test_derived_prior_settings_are_not_configurable(tmp_path):
     def config(models):
-        tree = {"storage": {"root": str(tmp_path)}, "dataset": {"source": str(tmp_path)},
-                "train_prior": {"models": models}}
-        return parse_config(tree, "test.yaml")
+        return section_config(tmp_path, train_prior={"models": models})
 
     with pytest.raises(ConfigError, match="train_prior.models: .*grid.* come from the code tables"):
         config({"top": {"grid": [8, 8]}})
