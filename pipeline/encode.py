@@ -12,6 +12,10 @@ Output layout (under the stage's content-addressed prefix `<root>/encode/<finger
                                           shard done, so a crashed run resumes without duplicate rows
     manifest.json                         written last: files per split with row counts, the layout, totals
 
+A grown dataset (append-only, see the shard stage) is encoded incrementally: the code tables of the
+shards it shares with an earlier version, encoded by this VQ-VAE with this config, are copied from
+that version's encode output; only the new shards are encoded.
+
 Later stages find a split's files with `code_files(result_or_location, split)` (validated footers),
 read them whole with `read_split`, or stream them with `ray_dataset` (Ray Data `read_parquet`).
 """
@@ -32,11 +36,11 @@ import torch
 
 from pipeline.checkpoints import load_model
 from pipeline.codes import CodesLayout, CodesSchemaError, codes_file_info, codes_table, read_codes, write_codes
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, fingerprint
 from pipeline.dataset import Dataset
 from pipeline.progress import Progress
 from pipeline.shard_reader import batch_loader, to_model_range
-from pipeline.storage import MANIFEST, Location
+from pipeline.storage import MANIFEST, Location, stage_location
 
 log = logging.getLogger("vq2")
 
@@ -155,6 +159,7 @@ def _plan(dataset: Dataset, output: Location) -> list[dict]:
             "split": shard["split"],
             "shard_name": f"{shard['split']}/{shard['name']}",
             "shard": dataset.shard_location(shard).uri,
+            "sha256": shard["sha256"],
             "samples": shard["samples"],
             "file": file,
             "output": (output / file).uri,
@@ -172,6 +177,44 @@ def _completed(task: dict, output: Location) -> dict | None:
         return None
     stats = stats_file.read_json()
     return stats if stats.get("rows") == task["samples"] else None
+
+
+def _earlier_outputs(cfg: PipelineConfig, ctx) -> list[tuple[Location, Dataset]]:
+    """(encode output, its dataset) for each version this dataset grew from whose encode output with the
+    same VQ-VAE and encode config is complete; newest first."""
+    found, dataset = [], Dataset.open(ctx.upstream["shard"].location)
+    while base := dataset.manifest.get("base"):
+        try:
+            dataset = Dataset.open(dataset.location.parent / base)
+        except FileNotFoundError:  # an ancestor was deleted: nothing older can be reused either
+            break
+        # The fingerprint the runner gives this stage when its shard input is that version.
+        inputs = {name: ctx.upstream[name].fingerprint for name in UPSTREAM} | {"shard": base}
+        earlier = stage_location(ctx.root, NAME, fingerprint(cfg.encode, inputs, FORMAT_VERSION))
+        if (earlier / MANIFEST).exists():
+            found.append((earlier, dataset))
+    return found
+
+
+def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], output: Location) -> dict[str, dict]:
+    """Copy the code table and stats of every shard in `todo` that an earlier output encoded from the very
+    same tar (location and checksum); returns their stats by file. Copies are atomic writes, table first."""
+    reused = {}
+    for earlier, dataset in earlier_outputs:
+        shards = {(dataset.shard_location(s).uri, s["sha256"]) for s in dataset.manifest["shards"]}
+        for task in todo:
+            if task["file"] in reused or (task["shard"], task["sha256"]) not in shards:
+                continue
+            stats_file = f"{STATS}/{task['file'].replace('.parquet', '.json')}"
+            stats = (earlier / stats_file).read_json()
+            if stats.get("rows") != task["samples"]:
+                continue
+            (output / task["file"]).write_bytes((earlier / task["file"]).read_bytes())
+            (output / stats_file).write_json(stats)
+            reused[task["file"]] = stats
+        if reused:
+            log.info("encode: %d shards copied from %s (the same tars, VQ-VAE and config)", len(reused), earlier)
+    return reused
 
 
 def _check_resources(section) -> None:
@@ -282,10 +325,12 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     todo = [task for task in tasks if task["file"] not in done]
     if done:
         log.info("encode: %d of %d shards already encoded (resuming)", len(done), len(tasks))
+    reused = _reuse(todo, _earlier_outputs(cfg, ctx), ctx.output) if todo else {}
+    todo = [task for task in todo if task["file"] not in reused]
     started = time.perf_counter()
     results = _execute(todo, cfg, layout, ctx.root)
     seconds = time.perf_counter() - started
-    stats = done | {s["file"]: s for s in results}
+    stats = done | reused | {s["file"]: s for s in results}
     files = _verify(tasks, ctx.output, layout, dataset)
 
     encoded_images = sum(s["rows"] for s in results)
@@ -315,11 +360,13 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     if val_recon_mse is not None:
         metrics["val_recon_mse"] = val_recon_mse
     metrics["rows"] = sum(s["rows"] for s in stats.values())
+    metrics["shards_reused"] = len(reused)
     ctx.tracking.log_metrics(metrics)
     ctx.tracking.set_tags({"vqvae_model": layout.vqvae_model})
     splits = {split: sum(entry["rows"] for entry in entries) for split, entries in files.items()}
-    log.info("encode: %s rows (%s), %d shards encoded, %d resumed, val MSE %s", sum(splits.values()), splits,
-             len(results), len(done), "n/a" if val_recon_mse is None else f"{val_recon_mse:.5f}")
+    log.info("encode: %s rows (%s), %d shards encoded, %d copied from an earlier version, %d resumed, val MSE %s",
+             sum(splits.values()), splits, len(results), len(reused), len(done),
+             "n/a" if val_recon_mse is None else f"{val_recon_mse:.5f}")
     return {
         "format": "one zstd Parquet file per input shard at <split>/codes-<shard index>.parquet; columns key "
                   "(string), label (int32), one fixed_size_list<int16> per level (top first, row-major); "
@@ -336,6 +383,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         "code_perplexity": perplexity,
         "code_histograms": {name: h.tolist() for name, h in zip(layout.levels, histograms)},
         "shards_encoded": len(results),
+        "shards_reused": len(reused),
         "shards_resumed": len(done),
         "images_encoded": encoded_images,
         "encode_seconds": seconds,

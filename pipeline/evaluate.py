@@ -168,21 +168,24 @@ class FeatureActor:
                 "seconds": np.array([time.perf_counter() - started])}
 
 
-def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region) -> list[dict]:
+def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region,
+              num_classes: int) -> list[dict]:
     """Tasks of at most evaluate.batch_size validation images each: the keys of a seeded random subset of
-    the whole split (shards are ordered by class, so a prefix would not do), with the code file that
-    reconstructs them. Small tasks keep every actor busy to the end; one task per shard would leave a
-    demo-sized split (one shard) to a single actor."""
+    the split's images of the first `num_classes` classes (the sampled ones; shards are ordered by class,
+    so a prefix would not do), with the code file that reconstructs them. Small tasks keep every actor
+    busy to the end; one task per shard would leave a demo-sized split (one shard) to a single actor."""
     entries = encode_result.manifest["files"]["val"]
     shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
     per_file = []
     for entry in entries:
         location = Location((encode_result.location / entry["file"]).uri, endpoint_url, region)
         with location.fs.open(location.path, "rb") as stream:
-            per_file.append(pq.read_table(stream, columns=["key"]).column("key").to_pylist())
+            table = pq.read_table(stream, columns=["key", "label"])
+        labels = table.column("label").to_numpy()
+        per_file.append([key for key, label in zip(table.column("key").to_pylist(), labels) if label < num_classes])
     total = sum(len(keys) for keys in per_file)
     if total == 0:
-        raise ValueError("evaluate: the encode stage has no validation rows")
+        raise ValueError(f"evaluate: the encode stage has no validation rows of the {num_classes} sampled classes")
     take = total if section.max_real_images is None else min(section.max_real_images, total)
     chosen = np.sort(np.random.default_rng(section.seed).choice(total, take, replace=False))
     tasks, offset = [], 0
@@ -324,14 +327,16 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
 # --- CAS ------------------------------------------------------------------------------------------------
 
 
-def _load(sources: list[dict], endpoint_url, region) -> tuple[torch.Tensor, torch.Tensor]:
+def _load(sources: list[dict], endpoint_url, region, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of `sources`, those of the first `num_classes` classes only."""
     images, labels = [], []
     for source in sources:
         _, x, y = read_images(source["uri"], endpoint_url, region, keys=source.get("keys"),
                               positions=source.get("positions"))
-        if len(x):
-            images.append(x)
-            labels.append(y)
+        known = y < num_classes
+        if known.any():
+            images.append(x[known])
+            labels.append(y[known])
     return torch.cat(images), torch.cat(labels)
 
 
@@ -343,8 +348,8 @@ def cas_task(train: list[dict], test: list[dict], num_classes: int, model_config
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    train_x, train_y = _load(train, endpoint_url, region)
-    test_x, test_y = _load(test, endpoint_url, region)
+    train_x, train_y = _load(train, endpoint_url, region, num_classes)
+    test_x, test_y = _load(test, endpoint_url, region, num_classes)
     model = fit_classifier(train_x, train_y, num_classes, ClassifierConfig(**model_config), device=device, **options)
     return evaluate_classifier(model, test_x, test_y) | {"train_images": len(train_x), "test_images": len(test_x)}
 
@@ -364,9 +369,10 @@ def _real_train_sources(dataset: Dataset, limit: int, seed: int) -> list[dict]:
     return sources
 
 
-def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], sample_keys: dict[str, list[str]]
-            ) -> dict[str, float]:
-    """CAS on the accepted samples and the real-data reference, as two Ray tasks running side by side."""
+def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], sample_keys: dict[str, list[str]],
+            num_classes: int) -> dict[str, float]:
+    """CAS on the accepted samples and the real-data reference (images of the `num_classes` sampled
+    classes), as two Ray tasks running side by side."""
     section, root = cfg.evaluate, ctx.root
     classifier = ctx.upstream["train_classifier"].manifest
     model_config = dict(classifier["classifier_config"])
@@ -383,7 +389,7 @@ def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], 
     on_samples = [{"uri": uri, "keys": keys} for uri, keys in by_tar.items()]
     on_real = _real_train_sources(dataset, section.cas_max_images, section.seed)
     task = ray.remote(num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0, max_retries=2)(cas_task)
-    common = (len(dataset.classes), model_config, options, root.endpoint_url, root.region, section.use_gpu,
+    common = (num_classes, model_config, options, root.endpoint_url, root.region, section.use_gpu,
               max(1, int(section.cpus_per_actor)))
     log.info("evaluate: CAS, %d steps on %d samples and on %d real training images", section.cas_steps,
              len(all_keys), sum(len(s["positions"]) for s in on_real))
@@ -426,7 +432,9 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     nets = list(section.feature_nets)
     classifier_out = ctx.upstream["train_classifier"]
 
-    real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region)
+    # The classes the models were trained on: a dataset grown under policy.on_new_data=encode may have more.
+    num_classes = len(sample_result.manifest["classes"])
+    real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, num_classes)
     sample_tasks = [{"kind": "samples", "tar": uri} for uri in sample_result.manifest["images"]]
     vqvae_out = ctx.upstream["train_vqvae"]
     actor_args = {
@@ -476,7 +484,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         for key, source, keep in zip(samples["keys"], samples["sources"], accepted):
             if keep:
                 sample_keys.setdefault(str(source), []).append(str(key))
-        metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys)
+        metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys, num_classes)
 
     metrics |= _collected(ctx)
     metrics["feature_images_per_s"] = progress.rate

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import time
 
@@ -25,6 +26,8 @@ from pipeline.figures import image_grid, png_bytes
 from pipeline.progress import Progress
 from pipeline.shard_reader import to_uint8
 from pipeline.storage import Location
+
+log = logging.getLogger("vq2")
 
 NAME = "sample"
 SECTION = "sample"
@@ -55,12 +58,36 @@ def per_level(value, levels: int, key: str) -> list:
     return values
 
 
+def trained_classes(ctx) -> list[str]:
+    """The classes the priors and the classifier were trained on, which sampling draws from.
+
+    Under `policy.on_new_data: encode` the models keep the first dataset version, and a grown dataset
+    may have more classes (new classes go last, so the trained ones are a prefix): those are left out
+    until the models are retrained.
+    """
+    classes = ctx.upstream["train_classifier"].manifest["classes"]
+    dataset_classes = ctx.upstream["shard"].manifest["classes"]
+    if dataset_classes[: len(classes)] != classes:
+        raise RuntimeError(f"the classifier's classes are not the first {len(classes)} classes of dataset "
+                           f"{ctx.upstream['shard'].location}: retrain it on this dataset")
+    for level, info in ctx.upstream["train_prior"].manifest["levels"].items():
+        conditioned_on = info["prior_config"]["num_classes"]
+        if conditioned_on and conditioned_on != len(classes):
+            raise RuntimeError(f"the {level} prior knows {conditioned_on} classes, the classifier {len(classes)}: "
+                               "train both on the same dataset")
+    if len(dataset_classes) > len(classes):
+        log.warning("sample: the dataset has %d classes, the trained models %d (policy.on_new_data=encode keeps "
+                    "them); the new classes %s are not sampled until the models are retrained",
+                    len(dataset_classes), len(classes), dataset_classes[len(classes):][:5])
+    return classes
+
+
 def plan(section: SampleConfig, num_classes: int) -> list[dict]:
     """The batches to sample: each a list of (label, index, seed), one output file pair per batch."""
     classes = section.classes if section.classes is not None else list(range(num_classes))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"sample.classes {bad} are not class indices of a {num_classes}-class dataset")
+        raise ValueError(f"sample.classes {bad} are not indices of the {num_classes} classes the models were trained on")
     items = [(label, i, sample_seed(section.seed, label, i)) for label in classes for i in range(section.samples_per_class)]
     size = section.batch_size
     return [
@@ -197,7 +224,7 @@ def _grids(table: pa.Table, accepted: np.ndarray, vqvae, layout: CodesLayout, pe
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.sample
-    classes = ctx.upstream["shard"].manifest["classes"]
+    classes = trained_classes(ctx)
     vqvae_out, prior_out = ctx.upstream["train_vqvae"], ctx.upstream["train_prior"]
     layout = CodesLayout(**prior_out.manifest["layout"])
     models = {

@@ -118,3 +118,28 @@ def test_evaluate_end_to_end(tiny_pipeline, tmp_path):
     assert sorted(m.step for m in history) == list(range(len(SWEEP)))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {PLOT, SUMMARY, "manifest.json"} <= artifacts
+
+
+def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
+    """A dataset grown under policy.on_new_data=encode may have classes the models never saw: the real
+    images for FID and CAS are those of the first `num_classes` (the sampled) classes only."""
+    import torch
+
+    from pipeline.dataset import Dataset
+    from pipeline.evaluate import _load, plan_real
+    from pipeline.runner import run_pipeline
+
+    results = run_pipeline(tiny_pipeline.config(), only="encode")
+    dataset = Dataset.open(results["shard"].location)
+    section = EvaluateConfig(max_real_images=None, batch_size=5)
+    every = plan_real(dataset, results["encode"], section, None, None, num_classes=len(dataset.classes))
+    known = plan_real(dataset, results["encode"], section, None, None, num_classes=3)
+    label_of = {name: index for index, name in enumerate(dataset.classes)}
+    keys = [key for task in known for key in task["keys"]]
+    assert {label_of[key.split("/")[0]] for key in keys} == {0, 1, 2}
+    assert len(keys) == sum(label_of[key.split("/")[0]] < 3 for task in every for key in task["keys"])
+    assert all(len(task["keys"]) <= 5 for task in known)
+
+    images, labels = _load([{"uri": task["shard"], "keys": task["keys"]} for task in every], None, None, 3)
+    assert len(images) == len(labels) == len(keys) and int(labels.max()) == 2
+    assert images.dtype == torch.uint8

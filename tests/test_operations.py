@@ -98,6 +98,12 @@ def test_grown_corpus_shards_only_new_images_and_policy_decides_retraining(ray_l
     assert grown["train_vqvae"].cached and grown["train_vqvae"].fingerprint == first["train_vqvae"].fingerprint
     assert not grown["encode"].cached
     assert sum(f["rows"] for f in grown["encode"].manifest["files"]["train"]) == new["splits"]["train"]
+    # ... and only the new ones: the old shards' code tables are copied from the first encode output.
+    assert grown["encode"].manifest["shards_reused"] == len(old["shards"])
+    assert grown["encode"].manifest["shards_encoded"] == len(new["shards"]) - len(old["shards"])
+    for entry in first["encode"].manifest["files"]["train"]:
+        copied = (grown["encode"].location / entry["file"]).read_bytes()
+        assert copied == (first["encode"].location / entry["file"]).read_bytes()
 
     # retrain policy: the VQ-VAE of the grown dataset is a new, not yet trained, version.
     rows = {row["stage"]: row for row in pipeline_status(config("retrain"))}

@@ -94,3 +94,30 @@ def test_killed_actor_is_replaced_and_a_crash_resumes(tiny_pipeline, tmp_path, m
     table = read_samples(again.location, again.manifest["batches"], levels=2)
     assert len(table) == len(set(table.column("key").to_pylist())) == CLASSES * PER_CLASS
     assert np.isfinite(table.column("score").to_numpy()).all()
+
+
+@pytest.mark.slow
+def test_a_grown_dataset_samples_only_the_classes_the_models_know(tiny_pipeline, caplog):
+    """Under policy.on_new_data=encode the models keep the first dataset version; a new class (which goes
+    last) is not sampled: the priors have no embedding for it and the classifier no logit."""
+    import dataclasses
+
+    from pipeline import sample
+    from pipeline.runner import run_stage
+    from pipeline.tracking import Tracker
+
+    cfg = tiny_pipeline.config(sample={"samples_per_class": 1})
+    upstream = run_pipeline(cfg, only="train_prior") | run_pipeline(cfg, only="train_classifier")
+    shard = upstream["shard"]
+    grown = dataclasses.replace(shard, fingerprint=f"{shard.fingerprint}-grown",
+                                manifest=shard.manifest | {"classes": shard.manifest["classes"] + ["new_class"]})
+    result = run_stage(sample, cfg, Tracker(cfg), upstream | {"shard": grown})
+    assert result.manifest["classes"] == shard.manifest["classes"]
+    labels = read_samples(result.location, result.manifest["batches"], levels=2).column("label").to_numpy()
+    assert sorted(labels.tolist()) == list(range(CLASSES))
+    assert "the new classes ['new_class'] are not sampled" in caplog.text
+
+    # A config that asks for the new class by index is refused with the count the models know.
+    cfg = tiny_pipeline.config(sample={"samples_per_class": 1, "classes": [CLASSES]})
+    with pytest.raises(ValueError, match=rf"sample.classes \[{CLASSES}\] are not indices of the {CLASSES} classes"):
+        run_stage(sample, cfg, Tracker(cfg), upstream | {"shard": grown})
