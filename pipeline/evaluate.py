@@ -168,6 +168,22 @@ class FeatureActor:
                 "seconds": np.array([time.perf_counter() - started])}
 
 
+def sampled_classes(dataset: Dataset, classes: list[str]) -> int:
+    """How many of the dataset's classes were sampled: the models' classes, which must be its first ones.
+
+    A dataset grown under `policy.on_new_data: encode` may have more (new classes go last); their real
+    images are left out of every comparison until the models are retrained.
+    """
+    if dataset.classes[: len(classes)] != classes:
+        raise RuntimeError(f"evaluate: the sampled classes are not the first {len(classes)} classes of dataset "
+                           f"{dataset.location}; the models were trained on another dataset")
+    if len(dataset.classes) > len(classes):
+        log.warning("evaluate: the dataset has %d classes, the models were trained on %d (policy.on_new_data="
+                    "encode keeps them); real images of the new classes %s are left out until they are retrained",
+                    len(dataset.classes), len(classes), dataset.classes[len(classes):][:5])
+    return len(classes)
+
+
 def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region,
               num_classes: int) -> list[dict]:
     """Tasks of at most evaluate.batch_size validation images each: the keys of a seeded random subset of
@@ -432,8 +448,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     nets = list(section.feature_nets)
     classifier_out = ctx.upstream["train_classifier"]
 
-    # The classes the models were trained on: a dataset grown under policy.on_new_data=encode may have more.
-    num_classes = len(sample_result.manifest["classes"])
+    num_classes = sampled_classes(dataset, sample_result.manifest["classes"])
     real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, num_classes)
     sample_tasks = [{"kind": "samples", "tar": uri} for uri in sample_result.manifest["images"]]
     vqvae_out = ctx.upstream["train_vqvae"]

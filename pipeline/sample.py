@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import logging
 import math
 import time
 
@@ -27,12 +26,11 @@ from pipeline.progress import Progress
 from pipeline.shard_reader import to_uint8
 from pipeline.storage import Location
 
-log = logging.getLogger("vq2")
-
 NAME = "sample"
 SECTION = "sample"
 FORMAT_VERSION = 1
-UPSTREAM = ("shard", "train_vqvae", "train_prior", "train_classifier")
+# Not the shard stage: the models fix the classes, so a grown dataset is not sampled again.
+UPSTREAM = ("train_vqvae", "train_prior", "train_classifier")
 
 
 def sample_fields(levels: int) -> list[pa.Field]:
@@ -59,26 +57,17 @@ def per_level(value, levels: int, key: str) -> list:
 
 
 def trained_classes(ctx) -> list[str]:
-    """The classes the priors and the classifier were trained on, which sampling draws from.
+    """The classes sampling draws from: those the priors and the classifier were trained on.
 
-    Under `policy.on_new_data: encode` the models keep the first dataset version, and a grown dataset
-    may have more classes (new classes go last, so the trained ones are a prefix): those are left out
-    until the models are retrained.
+    Not the dataset's: under `policy.on_new_data: encode` the models keep the first dataset version,
+    and a grown dataset may have more classes, which the models cannot sample (evaluate says so).
     """
     classes = ctx.upstream["train_classifier"].manifest["classes"]
-    dataset_classes = ctx.upstream["shard"].manifest["classes"]
-    if dataset_classes[: len(classes)] != classes:
-        raise RuntimeError(f"the classifier's classes are not the first {len(classes)} classes of dataset "
-                           f"{ctx.upstream['shard'].location}: retrain it on this dataset")
     for level, info in ctx.upstream["train_prior"].manifest["levels"].items():
         conditioned_on = info["prior_config"]["num_classes"]
         if conditioned_on and conditioned_on != len(classes):
             raise RuntimeError(f"the {level} prior knows {conditioned_on} classes, the classifier {len(classes)}: "
                                "train both on the same dataset")
-    if len(dataset_classes) > len(classes):
-        log.warning("sample: the dataset has %d classes, the trained models %d (policy.on_new_data=encode keeps "
-                    "them); the new classes %s are not sampled until the models are retrained",
-                    len(dataset_classes), len(classes), dataset_classes[len(classes):][:5])
     return classes
 
 

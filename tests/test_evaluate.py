@@ -143,3 +143,17 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     images, labels = _load([{"uri": task["shard"], "keys": task["keys"]} for task in every], None, None, 3)
     assert len(images) == len(labels) == len(keys) and int(labels.max()) == 2
     assert images.dtype == torch.uint8
+
+
+def test_only_the_sampled_classes_are_compared(caplog):
+    """A dataset grown under policy.on_new_data=encode with a new class: evaluate warns and compares the
+    sampled (first) classes; a sample of classes the dataset orders differently is refused."""
+    from pipeline.dataset import Dataset
+    from pipeline.evaluate import sampled_classes
+    from pipeline.storage import Location
+
+    grown = Dataset(Location("/nowhere/shard/abc"), {"classes": ["a", "b", "c", "new"]})
+    assert sampled_classes(grown, ["a", "b", "c"]) == 3
+    assert "real images of the new classes ['new'] are left out" in caplog.text
+    with pytest.raises(RuntimeError, match="the sampled classes are not the first 2 classes of dataset"):
+        sampled_classes(grown, ["b", "a"])

@@ -96,28 +96,23 @@ def test_killed_actor_is_replaced_and_a_crash_resumes(tiny_pipeline, tmp_path, m
     assert np.isfinite(table.column("score").to_numpy()).all()
 
 
-@pytest.mark.slow
-def test_a_grown_dataset_samples_only_the_classes_the_models_know(tiny_pipeline, caplog):
-    """Under policy.on_new_data=encode the models keep the first dataset version; a new class (which goes
-    last) is not sampled: the priors have no embedding for it and the classifier no logit."""
-    import dataclasses
 
-    from pipeline import sample
-    from pipeline.runner import run_stage
-    from pipeline.tracking import Tracker
+def test_classes_come_from_the_models_not_the_dataset():
+    """Sampling draws the classes the classifier and priors were trained on (the dataset may have grown
+    since, under policy.on_new_data=encode); models trained on different class sets are refused."""
+    from types import SimpleNamespace
 
-    cfg = tiny_pipeline.config(sample={"samples_per_class": 1})
-    upstream = run_pipeline(cfg, only="train_prior") | run_pipeline(cfg, only="train_classifier")
-    shard = upstream["shard"]
-    grown = dataclasses.replace(shard, fingerprint=f"{shard.fingerprint}-grown",
-                                manifest=shard.manifest | {"classes": shard.manifest["classes"] + ["new_class"]})
-    result = run_stage(sample, cfg, Tracker(cfg), upstream | {"shard": grown})
-    assert result.manifest["classes"] == shard.manifest["classes"]
-    labels = read_samples(result.location, result.manifest["batches"], levels=2).column("label").to_numpy()
-    assert sorted(labels.tolist()) == list(range(CLASSES))
-    assert "the new classes ['new_class'] are not sampled" in caplog.text
+    from pipeline.config import SampleConfig
+    from pipeline.sample import plan, trained_classes
 
-    # A config that asks for the new class by index is refused with the count the models know.
-    cfg = tiny_pipeline.config(sample={"samples_per_class": 1, "classes": [CLASSES]})
-    with pytest.raises(ValueError, match=rf"sample.classes \[{CLASSES}\] are not indices of the {CLASSES} classes"):
-        run_stage(sample, cfg, Tracker(cfg), upstream | {"shard": grown})
+    def ctx(prior_classes):
+        levels = {name: {"prior_config": {"num_classes": prior_classes}} for name in ("top", "bottom")}
+        return SimpleNamespace(upstream={"train_classifier": SimpleNamespace(manifest={"classes": ["a", "b", "c"]}),
+                                         "train_prior": SimpleNamespace(manifest={"levels": levels})})
+
+    assert trained_classes(ctx(3)) == ["a", "b", "c"]
+    assert trained_classes(ctx(0)) == ["a", "b", "c"]  # unconditional priors
+    with pytest.raises(RuntimeError, match="the (top|bottom) prior knows 4 classes, the classifier 3"):
+        trained_classes(ctx(4))
+    with pytest.raises(ValueError, match=r"sample.classes \[3\] are not indices of the 3 classes the models"):
+        plan(SampleConfig(classes=[3]), 3)

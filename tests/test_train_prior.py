@@ -38,13 +38,24 @@ def test_priors_learn_below_the_uniform_baseline(tiny_pipeline):
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_each_level_from_its_checkpoint(tiny_pipeline, tmp_path, monkeypatch):
+def test_a_rerun_keeps_a_finished_level_and_a_killed_worker_resumes_from_its_checkpoint(
+        tiny_pipeline, tmp_path, monkeypatch):
+    from pipeline.runner import pipeline_status
+    from pipeline.storage import Location
+    from pipeline.train_prior import MODEL_FILE
+
+    cfg = tiny_pipeline.config(train_prior={"seed": 7, "steps": 20, "max_failures": 1, "sample_grid": 0})
+    # A crashed run that had finished the top level left its model file; here it is the session's top
+    # prior (30 steps), copied in to spare a fit: the stage keeps a finished level whatever made it.
+    session = run_pipeline(tiny_pipeline.config(), only="train_prior")["train_prior"]
+    output = Location(next(row["output"] for row in pipeline_status(cfg) if row["stage"] == "train_prior"))
+    (output / "top" / MODEL_FILE).write_bytes((session.location / session.manifest["levels"]["top"]["model"]).read_bytes())
+
     marker = tmp_path / "killed"
     monkeypatch.setenv("VQ2_FAULT_INJECT", f"train_prior.bottom:15:1:{marker}")
-    cfg = tiny_pipeline.config(train_prior={"seed": 7, "steps": 20, "max_failures": 1, "sample_grid": 0})
     manifest = run_pipeline(cfg, only="train_prior")["train_prior"].manifest
+    assert manifest["levels"]["top"]["steps"] == 30  # kept, not trained again for this config's 20 steps
     assert marker.exists()
-    assert manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
     assert manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
     assert manifest["levels"]["bottom"]["steps"] == 20
 
