@@ -10,6 +10,9 @@ of each run. The first half holds the warm-up, and in the stage Ray Train's help
 (dataset manager, preemption watcher) start while the workers already train. Start-up is reported
 separately, as the stage's wall time.
 
+Achieved TFLOP/s count the FLOPs of one training step (forward and backward, torch's
+FlopCounterMode); on a GPU the fraction of its dense bf16 peak is shown (`--peak-tflops` to set it).
+
 The machines drift by 20-30% over minutes, so the plain loop runs before, between and after the
 stage runs, and each stage run is compared with the mean of the plain runs on either side of it.
 """
@@ -33,6 +36,8 @@ from pipeline.train_vqvae import vqvae_config
 from models.vqvae import VQVAE
 
 LOG_EVERY = 10
+# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a word in the device name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def make_config(root: Path, corpus: Location, args, workers: int, cpus: float):
@@ -48,6 +53,23 @@ def make_config(root: Path, corpus: Location, args, workers: int, cpus: float):
         },
     }
     return parse_config(tree, "benchmark.yaml")
+
+
+def train_flops_per_image(cfg, size: int) -> float:
+    """FLOPs of one training step (forward and backward) per image, counted on a batch of two."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = VQVAE(vqvae_config(cfg.train_vqvae))
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 3, size, size)).loss.backward()
+    return counter.get_total_flops() / 2
+
+
+def gpu_peak_tflops(args) -> float | None:
+    if args.peak_tflops or not args.gpu:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name()
+    return next((peak for word, peak in BF16_PEAK_TFLOPS.items() if word in name), None)
 
 
 def steady_rate(rates: list[float]) -> float:
@@ -101,6 +123,7 @@ def main():
     parser.add_argument("--loader-workers", type=int, default=1)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for the fraction shown")
     args = parser.parse_args()
     args.size = args.size or (32 if args.quick else 64)
     args.steps = args.steps or 200
@@ -122,16 +145,23 @@ def main():
             stages.append((workers, *stage_rate(cfg)))
             plain.append(plain_loop(one, shards, args))
 
+    flops, peak = train_flops_per_image(one, args.size), gpu_peak_tflops(args)
+
+    def achieved(rate: float) -> str:
+        tflops = rate * flops / 1e12
+        return f"{tflops:.3g}" + (f" ({tflops / peak:.1%} of {peak:g})" if peak else "")
+
     print(f"\npreset {args.preset}, {args.size}x{args.size}, batch {args.batch} per worker, {args.steps} steps, "
           f"{args.loader_workers} loader process(es) per worker, {cpus} CPU threads, "
-          f"{'GPU' + (' bf16' if args.bf16 else '') if args.gpu else 'CPU'}")
-    print("| run | workers | images/s | vs plain loop (mean of the runs before and after) | stage wall s |")
-    print("|---|---|---|---|---|")
+          f"{torch.cuda.get_device_name() + (' bf16' if args.bf16 else '') if args.gpu else 'CPU'}, "
+          f"{flops / 1e9:.3g} GFLOP per image per training step")
+    print("| run | workers | images/s | vs plain loop (mean of the runs before and after) | TFLOP/s | stage wall s |")
+    print("|---|---|---|---|---|---|")
     for index, rate in enumerate(plain):
-        print(f"| plain PyTorch loop, run {index + 1} | 1 | {rate:.1f} | | |")
+        print(f"| plain PyTorch loop, run {index + 1} | 1 | {rate:.1f} | | {achieved(rate)} | |")
     for index, (workers, rate, wall) in enumerate(stages):
         base = (plain[index] + plain[index + 1]) / 2
-        print(f"| Ray Train stage | {workers} | {rate:.1f} | {rate / base:.2f}x | {wall:.0f} |")
+        print(f"| Ray Train stage | {workers} | {rate:.1f} | {rate / base:.2f}x | {achieved(rate)} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

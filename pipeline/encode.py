@@ -201,6 +201,7 @@ def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], ou
     same tar (location and checksum); returns their stats by file. Copies are atomic writes, table first."""
     reused = {}
     for earlier, dataset in earlier_outputs:
+        before = len(reused)
         shards = {(dataset.shard_location(s).uri, s["sha256"]) for s in dataset.manifest["shards"]}
         for task in todo:
             if task["file"] in reused or (task["shard"], task["sha256"]) not in shards:
@@ -212,8 +213,9 @@ def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], ou
             (output / task["file"]).write_bytes((earlier / task["file"]).read_bytes())
             (output / stats_file).write_json(stats)
             reused[task["file"]] = stats
-        if reused:
-            log.info("encode: %d shards copied from %s (the same tars, VQ-VAE and config)", len(reused), earlier)
+        if len(reused) > before:
+            log.info("encode: %d shards copied from %s (the same tars, VQ-VAE and config)", len(reused) - before,
+                     earlier)
     return reused
 
 
