@@ -96,7 +96,6 @@ def test_killed_actor_is_replaced_and_a_crash_resumes(tiny_pipeline, tmp_path, m
     assert np.isfinite(table.column("score").to_numpy()).all()
 
 
-
 def test_classes_come_from_the_models_not_the_dataset():
     """Sampling draws the classes the classifier and priors were trained on (the dataset may have grown
     since, under policy.on_new_data=encode); models trained on different class sets are refused."""
