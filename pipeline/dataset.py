@@ -6,6 +6,7 @@ import hashlib
 import io
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image
@@ -31,6 +32,14 @@ class Dataset:
     @property
     def classes(self) -> list[str]:
         return self.manifest["classes"]
+
+    def ancestors(self) -> Iterator[Dataset]:
+        """The versions this one grew from (append-only growth), newest first; a missing one raises
+        FileNotFoundError when it is reached."""
+        dataset = self
+        while base := dataset.manifest.get("base"):
+            dataset = Dataset.open(dataset.location.parent / base)
+            yield dataset
 
     def shard_location(self, shard: dict) -> Location:
         # Shards kept from an earlier version (append-only growth) live in that version's folder.

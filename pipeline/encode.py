@@ -179,20 +179,20 @@ def _completed(task: dict, output: Location) -> dict | None:
     return stats if stats.get("rows") == task["samples"] else None
 
 
-def _earlier_outputs(cfg: PipelineConfig, ctx) -> list[tuple[Location, Dataset]]:
-    """(encode output, its dataset) for each version this dataset grew from whose encode output with the
+def _earlier_outputs(cfg: PipelineConfig, ctx, dataset: Dataset) -> list[tuple[Location, Dataset]]:
+    """(encode output, its dataset) for each version `dataset` grew from whose encode output with the
     same VQ-VAE and encode config is complete; newest first."""
-    found, dataset = [], Dataset.open(ctx.upstream["shard"].location)
-    while base := dataset.manifest.get("base"):
-        try:
-            dataset = Dataset.open(dataset.location.parent / base)
-        except FileNotFoundError:  # an ancestor was deleted: nothing older can be reused either
-            break
-        # The fingerprint the runner gives this stage when its shard input is that version.
-        inputs = {name: ctx.upstream[name].fingerprint for name in UPSTREAM} | {"shard": base}
-        earlier = stage_location(ctx.root, NAME, fingerprint(cfg.encode, inputs, FORMAT_VERSION))
-        if (earlier / MANIFEST).exists():
-            found.append((earlier, dataset))
+    found = []
+    try:
+        for ancestor in dataset.ancestors():
+            # The fingerprint the runner gives this stage when its shard input is that version.
+            inputs = {name: ctx.upstream[name].fingerprint for name in UPSTREAM}
+            inputs["shard"] = ancestor.manifest["fingerprint"]
+            earlier = stage_location(ctx.root, NAME, fingerprint(cfg.encode, inputs, FORMAT_VERSION))
+            if (earlier / MANIFEST).exists():
+                found.append((earlier, ancestor))
+    except FileNotFoundError:  # an ancestor was deleted: nothing older can be reused either
+        pass
     return found
 
 
@@ -327,7 +327,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     todo = [task for task in tasks if task["file"] not in done]
     if done:
         log.info("encode: %d of %d shards already encoded (resuming)", len(done), len(tasks))
-    reused = _reuse(todo, _earlier_outputs(cfg, ctx), ctx.output) if todo else {}
+    reused = _reuse(todo, _earlier_outputs(cfg, ctx, dataset), ctx.output) if todo else {}
     todo = [task for task in todo if task["file"] not in reused]
     started = time.perf_counter()
     results = _execute(todo, cfg, layout, ctx.root)

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from pipeline.config import PipelineConfig, fingerprint, flatten, to_yaml
+from pipeline.dataset import Dataset
 from pipeline.storage import MANIFEST, Location, stage_location
 from pipeline.tracking import StageRun, Tracker, code_version
 
@@ -165,13 +166,11 @@ def pinned_dataset(cfg: PipelineConfig, shard: StageResult) -> StageResult | Non
     stages keep seeing, so new images are encoded with the existing models instead of retraining them."""
     if cfg.policy.on_new_data != "encode" or not shard.manifest.get("base"):
         return None
-    location, manifest = shard.location, shard.manifest
-    while manifest.get("base"):
-        location = location.parent / manifest["base"]
-        manifest = read_manifest(location)
-        if manifest is None:
-            raise RuntimeError(f"dataset version {location}, an ancestor of {shard.location}, is not complete")
-    return StageResult("shard", manifest["fingerprint"], location, manifest, cached=True)
+    try:
+        *_, first = Dataset(shard.location, shard.manifest).ancestors()
+    except FileNotFoundError as error:
+        raise RuntimeError(f"an ancestor of dataset version {shard.location} is not complete: {error}") from error
+    return StageResult("shard", first.manifest["fingerprint"], first.location, first.manifest, cached=True)
 
 
 def run_pipeline(cfg: PipelineConfig, only: str | None = None, command: str = "run",

@@ -56,6 +56,7 @@ def test_a_rerun_keeps_a_finished_level_and_a_killed_worker_resumes_from_its_che
     manifest = run_pipeline(cfg, only="train_prior")["train_prior"].manifest
     assert manifest["levels"]["top"]["steps"] == 30  # kept, not trained again for this config's 20 steps
     assert marker.exists()
+    assert manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
     assert manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
     assert manifest["levels"]["bottom"]["steps"] == 20
 
