@@ -7,8 +7,9 @@ the raster sequence (PixelSNAIL, Chen et al. 2018); a lower-level prior adds a c
 stack over the codes of the levels above. Both are class-conditional.
 
 Every layer is written twice over the same weights: `forward` for the whole grid (training,
-naive sampling) and a per-row / per-position form that the fast sampler (models/sampling.py)
-drives from its activation caches.
+naive sampling) and a per-position `step` (with a per-row part for the vertical stack) that the
+fast sampler (models/sampling.py) drives. While sampling, a gated layer owns a cache of only the
+rows its kernels still read, and an attention layer owns the keys and values of the positions so far.
 """
 
 import math
@@ -138,6 +139,7 @@ class GatedLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.class_bias = nn.Embedding(cfg.num_classes, 4 * C) if cfg.num_classes else None
         self.condition_bias = nn.Conv2d(cfg.condition_channels, 4 * C, 1) if cfg.conditional else None
+        self.cache = None  # a GatedLayerCache while sampling
 
     def conditioning(self, labels, condition):
         """Gate biases (B, 4C, H or 1, W or 1) from the class and the condition map; None if neither."""
@@ -164,17 +166,85 @@ class GatedLayer(nn.Module):
         out = self.dropout(self.h_out(out))
         return out if self.first else h + out
 
-    # Incremental forms for the fast sampler: same weights, one row or one position at a time.
-    def step_v_row(self, v_rows, bias_row):
-        """v_pre and the next v for one row; v_rows: (B, C, k//2+1, W + 2*(k//2)), zero-padded."""
-        v_pre = self.v_conv(v_rows)  # (B, 2C, 1, W)
-        return v_pre, self._gate_v(v_pre, bias_row)
+    # Sampling, one position at a time (models/sampling.py): the layer keeps in its cache only the
+    # rows its kernels still read, so the cache does not grow with the number of rows.
+    def start_sampling(self, batch: int, width: int, device, dtype) -> None:
+        self.cache = GatedLayerCache(self, batch, width, device, dtype)
 
-    def step_h(self, h_window, h_here, v_pre_above, bias_here):
-        """h at one position: h_window (B, C, 1, k//2+1) is the causal window of the h input
-        (already shifted for the first layer), v_pre_above (B, 2C, 1, 1) is v_pre one row up."""
-        h_pre = self.h_conv(h_window) + self.v_to_h(v_pre_above)
-        return self._gate_h(h_pre, h_here, bias_here)
+    def stop_sampling(self) -> None:
+        self.cache = None
+
+    def start_row(self, bias) -> None:
+        """Fix what the row's h pre-activations share before its first code: the v stack one row
+        up (down-shifted into h) with the convolutions' biases, and the class and condition biases."""
+        cache = self.cache
+        h_bias = cache.h_from_above  # (W, B, 2C)
+        if bias is not None:
+            h_bias = h_bias + bias[:, bias.shape[1] // 2 :, 0].permute(2, 0, 1)  # (W or 1, B, 2C)
+        cache.h_bias = h_bias.unbind(0)  # one (B, 2C) per column
+        cache.row_bias = bias
+
+    def write(self, column: int, x: torch.Tensor) -> None:
+        """Store this layer's h input x (B, C) at a column of the current row."""
+        self.cache.input_at[column].copy_(x)
+
+    def step(self, column: int) -> torch.Tensor:
+        """This layer's h output (B, C) at a column of the current row, from the inputs written so far.
+
+        The first layer's window ends one column before (mask A), so its input at the column may
+        be written after the step; every other layer's window ends at the column itself.
+        """
+        cache = self.cache
+        h_pre = torch.addmm(cache.h_bias[column], cache.window_at[column], cache.h_weight)  # (B, 2C)
+        h_pre[:, : h_pre.shape[1] // 2].tanh_()
+        gated = F.glu(h_pre, 1)  # gate(h_pre) in two ops: tanh(a) * sigmoid(b)
+        inner = F.elu(torch.addmm(cache.in_bias, gated, cache.in_weight))  # (B, R)
+        out = torch.addmm(cache.out_bias, inner, cache.out_weight)  # (B, C)
+        return out if self.first else out.add_(cache.input_at[column])
+
+    def end_row(self, v_row: torch.Tensor) -> torch.Tensor:
+        """Advance the vertical stack by the completed row's v input (B, C, W); returns the next
+        layer's v input for that row (B, C, W)."""
+        cache, half = self.cache, self.half
+        padded = F.pad(v_row, (half, half))[:, :, None]  # (B, C, 1, W + 2*half)
+        cache.v_inputs = torch.cat([cache.v_inputs[:, :, 1:], padded], 2)  # the last k//2+1 rows
+        v_pre = self.v_conv(cache.v_inputs)  # (B, 2C, 1, W)
+        B, C2, _, W = v_pre.shape
+        columns = v_pre[:, :, 0].permute(2, 0, 1).reshape(W * B, C2)
+        cache.h_from_above = torch.addmm(cache.fixed_h_bias, columns, cache.v_to_h_weight).view(W, B, C2)
+        return self._gate_v(v_pre, cache.row_bias)[:, :, 0]
+
+
+class GatedLayerCache:
+    """A gated layer's sampling state: only the rows its kernels still read, and its weights as matrices.
+
+    h_inputs (B, k//2 + 1 + W, C): the current row's h inputs, channels last, with k//2 + 1 zero
+    columns on the left (the first layer's window is shifted one column further left).
+    v_inputs (B, C, k//2 + 1, W + 2*(k//2)): the last k//2 + 1 rows of v inputs, zero-padded.
+    h_from_above (W, B, 2C): the next row's h pre-activations from the row above and the biases.
+    """
+
+    def __init__(self, layer: GatedLayer, batch: int, width: int, device, dtype):
+        C, half = layer.v_conv.in_channels, layer.half
+        left = half + 1
+        self.h_inputs = torch.zeros(batch, left + width, C, device=device, dtype=dtype)
+        self.v_inputs = torch.zeros(batch, C, half + 1, width + 2 * half, device=device, dtype=dtype)
+        # v_to_h on the row above as a matrix product, with the biases every h pre-activation has.
+        self.v_to_h_weight = layer.v_to_h.weight.flatten(1).t()
+        self.fixed_h_bias = layer.v_to_h.bias + layer.h_conv.bias
+        self.h_from_above = self.fixed_h_bias.expand(width, batch, -1)  # row 0: zeros above
+        self.h_bias = self.row_bias = None  # set by start_row
+        # Views made once: each column's input slot (B, C) and causal window (B, (k//2 + 1) * C).
+        # Index j of h_inputs holds input column j - left; a window spans k//2 + 1 columns and ends
+        # at its own column (one column before it in the first layer: mask A).
+        shift = 0 if layer.first else 1
+        self.input_at = [self.h_inputs[:, left + c] for c in range(width)]
+        self.window_at = [self.h_inputs[:, c + shift : c + shift + half + 1].flatten(1) for c in range(width)]
+        # The convolutions on a window as matrix products: (k//2+1) * C -> 2C, C -> R -> C.
+        self.h_weight = layer.h_conv.weight[:, :, 0].permute(0, 2, 1).flatten(1).t()  # in the window's (column, C) order
+        inner, outer = layer.h_out[0], layer.h_out[2]
+        self.in_weight, self.in_bias = inner.weight.flatten(1).t(), inner.bias
+        self.out_weight, self.out_bias = outer.weight.flatten(1).t(), outer.bias
 
 
 class CausalSelfAttention(nn.Module):
@@ -191,29 +261,37 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)
         self.proj = nn.Linear(C, C)
         self.dropout = cfg.dropout
-
-    def _heads(self, x):  # (B, T, C) -> (B, heads, T, C // heads)
-        B, T, C = x.shape
-        return x.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
-
-    def qkv_heads(self, x):
-        """Queries, keys and values (B, heads, T, d) of a (B, T, C) sequence."""
-        return [self._heads(t) for t in self.qkv(self.norm(x)).chunk(3, dim=-1)]
-
-    def output(self, x, y):
-        """Residual output from the attended values y (B, heads, T, d)."""
-        B, T, C = x.shape
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return x + F.dropout(self.proj(y), self.dropout, self.training)
+        self.keys = self.values = None  # (B, heads, positions, C // heads) while sampling
 
     def forward(self, h):
         B, C, H, W = h.shape
         x = h.flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv_heads(x)
+        q, k, v = (t.view(B, H * W, self.num_heads, -1).transpose(1, 2)  # (B, heads, HW, d)
+                   for t in self.qkv(self.norm(x)).chunk(3, dim=-1))
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.output(x, y).transpose(1, 2).reshape(B, C, H, W)
+        y = F.dropout(self.proj(y.transpose(1, 2).reshape(B, H * W, C)), self.dropout, self.training)
+        return (x + y).transpose(1, 2).reshape(B, C, H, W)
+
+    # Sampling, one position at a time: keys and values of every position so far are cached.
+    def start_sampling(self, batch: int, positions: int, device, dtype) -> None:
+        d = self.qkv.in_features // self.num_heads
+        self.keys = torch.zeros(batch, self.num_heads, positions, d, device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
+
+    def stop_sampling(self) -> None:
+        self.keys = self.values = None
+
+    def step(self, h: torch.Tensor, position: int) -> torch.Tensor:
+        """Output (B, C) at a raster position from its input h (B, C), caching its key and value."""
+        B, C = h.shape
+        qkv = self.qkv(self.norm(h)).view(B, 3, self.num_heads, 1, C // self.num_heads)
+        q, k, v = qkv.unbind(1)  # (B, heads, 1, d)
+        self.keys[:, :, position : position + 1] = k
+        self.values[:, :, position : position + 1] = v
+        y = F.scaled_dot_product_attention(q, self.keys[:, :, : position + 1], self.values[:, :, : position + 1])
+        return h + self.proj(y.view(B, C))
 
 
 class ConditionStack(nn.Module):
@@ -262,11 +340,14 @@ class CodePrior(nn.Module):
         self.attention = nn.ModuleDict({str(i): CausalSelfAttention(cfg) for i in sorted(after)})
         self.condition_stack = ConditionStack(cfg) if cfg.conditional else None
         self.head = nn.Sequential(nn.ELU(), nn.Conv2d(C, C, 1), nn.ELU(), nn.Conv2d(C, cfg.codebook_size, 1))
+        # While sampling: each gated layer with the attention after it (or None), and the head's
+        # 1x1 convolutions as matrices.
+        self.sampling_stack = self.head_weights = None
         nn.init.normal_(self.position, std=0.02)
 
-    def embed(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) codes -> (B, C, H, W) network input."""
-        return self.embedding(codes.long()).permute(0, 3, 1, 2).contiguous() + self.position
+    def embed(self, codes: torch.Tensor, rows: slice = slice(None), columns: slice = slice(None)) -> torch.Tensor:
+        """(B, h, w) codes at the given rows and columns of the grid -> (B, C, h, w) network input."""
+        return self.embedding(codes.long()).permute(0, 3, 1, 2).contiguous() + self.position[:, rows, columns]
 
     def condition_features(self, condition_codes):
         """The conditioning map for the levels above (None for the top prior)."""
@@ -293,6 +374,54 @@ class CodePrior(nn.Module):
     def loss(self, codes, labels=None, condition_codes=None) -> torch.Tensor:
         """Mean cross-entropy in nats per code; divide by ln 2 for bits per dimension."""
         return F.cross_entropy(self(codes, labels, condition_codes), codes.long())
+
+    # Sampling, one position at a time in raster order (models/sampling.py drives these). Every
+    # layer keeps its own cache; the work done is about one forward pass over the grid.
+    def start_sampling(self, batch: int) -> None:
+        (H, W), device, dtype = self.cfg.grid, self.embedding.weight.device, self.embedding.weight.dtype
+        for layer in self.layers:
+            layer.start_sampling(batch, W, device, dtype)
+        for attention in self.attention.values():
+            attention.start_sampling(batch, H * W, device, dtype)
+        self.sampling_stack = [(layer, self.attention[str(i)] if str(i) in self.attention else None)
+                               for i, layer in enumerate(self.layers)]
+        self.head_weights = [(conv.weight.flatten(1).t(), conv.bias) for conv in (self.head[1], self.head[3])]
+
+    def stop_sampling(self) -> None:
+        for layer in self.layers:
+            layer.stop_sampling()
+        for attention in self.attention.values():
+            attention.stop_sampling()
+        self.sampling_stack = self.head_weights = None
+
+    def start_row(self, row: int, labels=None, condition=None) -> None:
+        """Prepare every layer for a row; condition is the whole conditioning map (or None)."""
+        row_condition = None if condition is None else condition[:, :, row : row + 1]
+        for layer in self.layers:
+            layer.start_row(layer.conditioning(labels, row_condition))
+
+    def step(self, row: int, column: int) -> torch.Tensor:
+        """Logits (B, K) at a position, given every code before it (written with write_code)."""
+        h, position = None, row * self.cfg.grid[1] + column
+        for layer, attention in self.sampling_stack:
+            if h is not None:
+                layer.write(column, h)
+            h = layer.step(column)
+            if attention is not None:
+                h = attention.step(h, position)
+        (w1, b1), (w2, b2) = self.head_weights
+        return torch.addmm(b2, F.elu(torch.addmm(b1, F.elu(h), w1)), w2)
+
+    def write_code(self, row: int, column: int, code: torch.Tensor) -> None:
+        """Feed the code (B,) drawn at a position to the first layer's horizontal stack."""
+        x = self.embed(code[:, None, None], slice(row, row + 1), slice(column, column + 1))  # (B, C, 1, 1)
+        self.layers[0].write(column, x.flatten(1))
+
+    def end_row(self, row: int, codes: torch.Tensor) -> None:
+        """Advance every layer's vertical stack by the completed row's codes (B, W)."""
+        v = self.embed(codes[:, None], slice(row, row + 1))[:, :, 0]  # (B, C, W)
+        for layer in self.layers:
+            v = layer.end_row(v)
 
     def _check_labels(self, labels):
         if self.cfg.num_classes and labels is None:

@@ -1,5 +1,6 @@
 """Vector quantizer with an EMA codebook, commitment loss and dead-code restart."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,11 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor  # scalar, already scaled by beta
     perplexity: torch.Tensor  # scalar, exp(entropy) of this batch's code histogram
     usage: torch.Tensor  # scalar, fraction of the codebook used by this batch
+
+
+def _autocast_off(device: torch.device):
+    """A context with autocast disabled on device (meta tensors have no autocast to disable)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
 
 
 def _distributed() -> bool:
@@ -53,14 +59,19 @@ class VectorQuantizerEMA(nn.Module):
         self._initialized_seen = False  # avoids reading the buffer (a device sync) on every step
 
     def nearest_codes(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codebook entry for each row of flat (N, D)."""
-        codebook = self.codebook.float()
-        distances = (
-            flat.pow(2).sum(1, keepdim=True)
-            - 2 * flat @ codebook.t()
-            + codebook.pow(2).sum(1)[None, :]
-        )  # (N, K)
-        return distances.argmin(1)
+        """Index of the nearest codebook entry for each row of flat (N, D), with distances in fp32.
+
+        Autocast would run the matmul in bf16, whose rounding (about 0.4% of |z|.|e|) decides
+        near-ties differently from the fp32 encode stage; it is switched off here.
+        """
+        with _autocast_off(flat.device):
+            flat, codebook = flat.float(), self.codebook.float()
+            distances = (
+                flat.pow(2).sum(1, keepdim=True)
+                - 2 * flat @ codebook.t()
+                + codebook.pow(2).sum(1)[None, :]
+            )  # (N, K)
+            return distances.argmin(1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook vectors for codes (B, H, W) -> (B, D, H, W)."""
@@ -68,16 +79,18 @@ class VectorQuantizerEMA(nn.Module):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         B, D, H, W = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, D).float()  # distances in fp32 even under autocast
+        flat = z.permute(0, 2, 3, 1).reshape(-1, D).float()
         if self.training and not self._initialized_seen:
             if not self.initialized:
                 self._init_from_data(flat.detach())
             self._initialized_seen = True
         codes = self.nearest_codes(flat)
+        # Looked up before the EMA step: the decoder and the commitment loss see the codebook that
+        # made the assignment (as Sonnet does), not the one updated from this very batch.
+        quantized = self.lookup(codes.view(B, H, W)).to(z.dtype)
         counts = torch.zeros(self.num_codes, device=z.device).index_add_(0, codes, torch.ones_like(flat[:, 0]))  # (K,)
         if self.training:
             counts = self._update_codebook(flat.detach(), codes, counts)
-        quantized = self.lookup(codes.view(B, H, W)).to(z.dtype)
         commitment_loss = self.beta * F.mse_loss(z, quantized.detach())
         quantized = z + (quantized - z).detach()  # straight-through estimator
         probs = counts / counts.sum().clamp_min(1)

@@ -95,6 +95,49 @@ def test_commitment_loss_is_beta_times_distance():
     assert out.commitment_loss.item() == pytest.approx(0.25 * F.mse_loss(z, vq.lookup(out.codes)).item(), rel=1e-5)
 
 
+def _near_tie_inputs(pairs: int = 64, dim: int = 16):
+    """A codebook of close pairs far from the origin, and one input beside each pair.
+
+    Each input is nearer to one code of its pair by about 0.01 in squared distance, while
+    |z| . |e| is about 1,600: bf16 (8 bits of mantissa) cannot tell the two codes apart.
+    """
+    g = torch.Generator().manual_seed(0)
+    centres = 10.0 * torch.randn(pairs, dim, generator=g)
+    offsets = 0.05 * torch.randn(pairs, dim, generator=g)
+    codebook = torch.stack([centres + offsets, centres - offsets], 1).reshape(2 * pairs, dim)
+    z = centres + 0.1 * torch.randn(pairs, dim, generator=g)
+    return codebook, z.T.reshape(1, dim, 8, pairs // 8)
+
+
+def test_nearest_codes_are_searched_in_fp32_under_bf16_autocast():
+    codebook, z = _near_tie_inputs()
+    vq = VectorQuantizerEMA(num_codes=len(codebook), dim=codebook.shape[1]).eval()
+    vq.codebook.copy_(codebook)
+    fp32 = vq(z).codes
+    flat = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert torch.equal(fp32.flatten(), torch.cdist(flat.double(), codebook.double()).argmin(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(vq(z).codes, fp32)
+        assert torch.equal(vq.nearest_codes(flat), fp32.flatten())
+
+
+def test_decoder_and_commitment_see_the_codebook_that_assigned():
+    """In training the EMA step and restarts run after the lookup, on the next step's codebook."""
+    torch.manual_seed(0)
+    vq = VectorQuantizerEMA(num_codes=8, dim=2, decay=0.5, restart_after=1).train()
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]] + [[100.0, 100.0]] * 5))
+    vq.ema_sum.copy_(vq.codebook)
+    vq.initialized.fill_(True)
+    z = torch.tensor([[3.0, 1.0], [8.0, 2.0], [1.0, 7.0], [2.0, 2.0]]).T.reshape(1, 2, 2, 2)
+    assigning = vq.codebook.clone()
+    out = vq(z)
+    assert not torch.allclose(vq.codebook[:3], assigning[:3], atol=0.1)  # the EMA moved the used codes
+    assert not torch.allclose(vq.codebook[3:], assigning[3:])  # and restarted the unused ones
+    expected = F.embedding(out.codes, assigning).permute(0, 3, 1, 2)
+    assert torch.allclose(out.quantized, expected, atol=1e-6)
+    assert out.commitment_loss.item() == pytest.approx(0.25 * F.mse_loss(z, expected).item(), rel=1e-6)
+
+
 # --- DDP: two gloo processes on CPU ------------------------------------------------------------
 
 def _free_port() -> int:

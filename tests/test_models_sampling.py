@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from models.prior import CodePrior, prior_tiny_lower, prior_tiny_top
 from models.sampling import draw, sample_codes, sample_images, sample_level_fast, sample_level_naive, sample_uniforms
@@ -49,6 +50,39 @@ def test_a_sample_is_reproduced_alone_from_its_seed():
         assert torch.equal(level_batch[1:2], level_alone)
     other = sample_codes(priors, torch.tensor([2]), [999])
     assert not torch.equal(other[0], alone[0])
+
+
+def _peak_tensor_bytes(fn) -> int:
+    """Peak bytes of the tensors allocated while fn runs and not yet freed (torch's memory profiler:
+    an allocation counts on the op that made it, a free is a [memory] event of negative size)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("attention_layers", [0, 2])
+def test_fast_sampler_memory_does_not_grow_with_rows(attention_layers):
+    """The gated layers keep only the rows their kernels still read: sampling 64 rows holds no more
+    than sampling 16 rows of the same width, beyond the codes returned and, with attention, one
+    key and value per extra position (which attention must keep)."""
+    batch, width, labels = 2, 4, torch.tensor([1, 2])
+    peaks = {}
+    for rows in (64, 16):
+        cfg = prior_tiny_top(grid=(rows, width))
+        cfg.attention_layers = attention_layers
+        torch.manual_seed(0)
+        prior = CodePrior(cfg)
+        (u,) = sample_uniforms([1, 2], [rows * width])
+        peaks[rows] = _peak_tensor_bytes(lambda: sample_level_fast(prior, u, labels))
+    extra_positions = (64 - 16) * width
+    allowed = batch * extra_positions * (8 + attention_layers * 2 * cfg.channels * 4)  # int64 codes, fp32 k and v
+    assert peaks[64] - peaks[16] <= allowed, (peaks, allowed)
+    # 16 rows are many more than the k//2 + 1 rows a layer keeps: rows have left its buffers.
+    assert torch.equal(sample_level_fast(prior, u, labels), sample_level_naive(prior, u, labels))
 
 
 def test_draw_honours_top_k_and_temperature():
