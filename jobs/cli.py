@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+
+from mlflow.exceptions import MlflowException
 
 from pipeline import demo_data
 from pipeline.config import ConfigError, load_config
 from pipeline.dataset import verify
+from pipeline.evaluate import headline_lines
+from pipeline.listing import SourceError
+from pipeline.preflight import PreflightFailed, preflight
 from pipeline.compare import compare
+from pipeline.registry import promote
 from pipeline.runner import StageFailed, pipeline_status, run_pipeline, stages
 from pipeline.storage import Location
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import PipelineStopped, tracking_uri
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+DEMO_PER_CLASS, DEMO_VAL_PER_CLASS = 600, 100  # images per class written into the demo corpus
+
+
+def _count(text: str) -> int | None:
+    return None if text == "all" else int(text)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -35,15 +46,29 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run every stage in order; complete stages are skipped")
     with_config(run)
-    run.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage (and what it needs)")
+    run.add_argument("--until", default=None, choices=list(stages()), metavar="STAGE",
+                     help=f"stop after this stage (and what it needs): one of {', '.join(stages())}")
     with_config(commands.add_parser("status", help="each stage: complete, partial or missing, and where it lives"))
+    check_first = commands.add_parser("preflight", help="check on the cluster what the stages `run` would run need "
+                                      "(storage, MLflow, resources, packages, feature networks); run nothing")
+    with_config(check_first)
+    check_first.add_argument("--until", default=None, choices=list(stages()), metavar="STAGE",
+                             help="only the stages up to this one (and what it needs)")
     compare = commands.add_parser("compare", help="compare pipeline runs of an MLflow experiment")
     compare.add_argument("--experiment", required=True, help="MLflow experiment (default name: vq2-<config name>)")
     compare.add_argument("--metric", action="append", help="metric to show (repeatable); default the headline ones")
     compare.add_argument("--tracking-uri", default=None, help="default MLFLOW_TRACKING_URI, or --config's store")
     compare.add_argument("--config", default=None, help="take the tracking store from this pipeline config")
     compare.add_argument("--runs", type=int, default=20, help="newest runs to compare")
-    compare.add_argument("--out", default=None, help="report file (.html; a .png chart is written beside it)")
+    compare.add_argument("--out", default=None, help="write the HTML report here (folders are created; the .png "
+                         "chart goes beside it); without it nothing is written")
+    promote = commands.add_parser("promote", help="set an alias (champion, ...) on the registered models of a "
+                                  "pipeline run")
+    promote.add_argument("--experiment", required=True, help="MLflow experiment of the run")
+    promote.add_argument("--run", required=True, help="the pipeline run (its parent run id, or one of its stage runs)")
+    promote.add_argument("--alias", required=True, help="alias to set, e.g. champion (then models:/vq2-vqvae@champion)")
+    promote.add_argument("--tracking-uri", default=None, help="default MLFLOW_TRACKING_URI, or --config's store")
+    promote.add_argument("--config", default=None, help="take the tracking store from this pipeline config")
     for name in stages():
         with_config(commands.add_parser(name, help=f"run the {name} stage only"))
 
@@ -53,8 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     data = commands.add_parser("demo-data", help="write a demo corpus in ImageNet layout <split>/<class>/<file>")
     data.add_argument("--out", required=True, help="folder or URI to write into")
     data.add_argument("--source", choices=("fashion-mnist", "synthetic"), default="fashion-mnist")
-    data.add_argument("--per-class", type=int, default=100, help="training images per class")
-    data.add_argument("--val-per-class", type=int, default=20, help="validation images per class")
+    data.add_argument("--per-class", type=_count, default=100, help="training images per class, or 'all'")
+    data.add_argument("--val-per-class", type=_count, default=20, help="validation images per class, or 'all' "
+                      "(Fashion-MNIST: its 10,000 test images)")
     data.add_argument("--size", type=_size, default=None, help="synthetic: WxH or N (default 64); fashion: pad to N")
     data.add_argument("--classes", type=int, default=len(demo_data.SYNTHETIC_CLASSES), help="synthetic classes")
     data.add_argument("--format", choices=("jpg", "png"), default="jpg", help="synthetic file format")
@@ -70,6 +96,8 @@ def _demo_data(args: argparse.Namespace) -> int:
     if args.source == "fashion-mnist":
         size = args.size[0] if args.size else 32
         return demo_data.fashion_mnist(out, args.per_class, args.val_per_class, size)
+    if args.per_class is None or args.val_per_class is None:
+        raise ValueError("--source synthetic: give --per-class and --val-per-class as numbers")
     return demo_data.synthetic(
         out, args.per_class, args.val_per_class, args.size or (64, 64), args.classes, args.format, args.bad_files
     )
@@ -80,10 +108,13 @@ def _demo(overrides: list[str]) -> int:
     source = Location(cfg.dataset.source)
     if not source.exists():
         try:
-            demo_data.fashion_mnist(source, per_class=100, val_per_class=20)
+            demo_data.fashion_mnist(source, per_class=DEMO_PER_CLASS, val_per_class=DEMO_VAL_PER_CLASS)
         except demo_data.MissingDataError as error:
-            logging.getLogger("vq2").warning("%s\nUsing the synthetic corpus instead.", error)
-            demo_data.synthetic(source, per_class=100, val_per_class=20, size=(32, 32), with_bad_files=True)
+            logging.getLogger("vq2").warning("%s\nUsing the synthetic corpus instead: %s", error,
+                                             demo_data.SYNTHETIC_WARNING)
+            demo_data.synthetic(source, per_class=DEMO_PER_CLASS, val_per_class=DEMO_VAL_PER_CLASS, size=(32, 32),
+                                with_bad_files=True)
+    preflight(cfg)
     results = run_pipeline(cfg, command="demo")
     for name, result in results.items():
         print(f"{name}: {'cached' if result.cached else 'done'} {result.location}")
@@ -100,45 +131,77 @@ def _where_to_look(cfg, results) -> str:
         lines.append(f"  sample grid:      {results['sample'].location / results['sample'].manifest['grid']}")
     if "evaluate" in results:
         evaluation = results["evaluate"]
-        lines.append(f"  trade-off plot:   {evaluation.location / evaluation.manifest['artifacts']['plot']}")
-        lines.append(f"  metrics summary:  {evaluation.location / evaluation.manifest['artifacts']['summary']}")
-        summary = (evaluation.location / evaluation.manifest["artifacts"]["summary"]).read_json()["metrics"]
-        lines += [f"    {name:<28} {value:.4g}" for name, value in sorted(summary.items())]
+        if evaluation.manifest["artifacts"]["plot"]:
+            lines.append(f"  trade-off plot:   {evaluation.location / evaluation.manifest['artifacts']['plot']}")
+        lines.append(f"  metrics summary:  {evaluation.location / evaluation.manifest['artifacts']['summary']} "
+                     "(every metric; the ones that matter, each beside its floor:)")
+        lines += headline_lines((evaluation.location / evaluation.manifest["artifacts"]["summary"]).read_json())
+    if "shard" in results and set(results["shard"].manifest["classes"]) == set(demo_data.SYNTHETIC_CLASSES):
+        lines.append(f"  WARNING: {demo_data.SYNTHETIC_WARNING}")
     return "\n".join(lines)
+
+
+def _stop(signum: int, _frame) -> None:
+    # Raised in the main thread: the stage and pipeline runs end KILLED before the process exits.
+    raise PipelineStopped(f"stopped by {signal.Signals(signum).name}")
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # what `ray job stop` and Kubernetes send
     try:
         if args.command == "verify":
-            problems = verify(args.uri)
+            try:
+                problems = verify(args.uri)
+            except FileNotFoundError as error:
+                print(f"vq2 verify: {error}", file=sys.stderr)
+                return 2
             for problem in problems:
                 print(problem)
             print("OK" if not problems else f"{len(problems)} problems")
             return 1 if problems else 0
         if args.command == "demo-data":
-            print(f"wrote {_demo_data(args)} files under {args.out}")
+            try:
+                print(f"wrote {_demo_data(args)} files under {args.out}")
+            except ValueError as error:
+                print(f"vq2 demo-data: {error}", file=sys.stderr)
+                return 2
             return 0
         if args.command == "demo":
             return _demo(args.overrides)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "promote":
+            return _promote(args)
         cfg = load_config(args.config, args.overrides)
         if args.command == "status":
             return _status(cfg)
+        if args.command == "preflight":
+            checked = preflight(cfg, until=args.until)
+            print(f"preflight: OK for {', '.join(checked)}" if checked else "preflight: every stage is complete")
+            return 0
+        if args.command == "run":
+            preflight(cfg, until=args.until)  # before any work: what the run lacks fails it in seconds
         only = None if args.command == "run" else args.command
         results = run_pipeline(cfg, only=only, command=args.command, until=getattr(args, "until", None))
         for name, result in results.items():
             print(f"{name}: {'cached' if result.cached else 'done'} {result.location}")
         return 0
-    except (ConfigError, demo_data.MissingDataError) as error:
+    except (ConfigError, SourceError, demo_data.MissingDataError, demo_data.ChecksumError) as error:
         print(f"vq2: {error}", file=sys.stderr)
         return 2
+    except PreflightFailed as error:
+        print(f"vq2: {error}", file=sys.stderr)
+        return 1
     except StageFailed as error:
         logging.getLogger("vq2").exception("pipeline failed")
         print(f"vq2: {error}", file=sys.stderr)
         return 1
+    except (PipelineStopped, KeyboardInterrupt) as error:
+        print(f"vq2: {error or 'interrupted'}; runs marked KILLED, a rerun resumes the unfinished stage",
+              file=sys.stderr)
+        return 143 if isinstance(error, PipelineStopped) else 130
 
 
 def _status(cfg) -> int:
@@ -146,26 +209,54 @@ def _status(cfg) -> int:
     width = max(len(row["stage"]) for row in rows)
     for row in rows:
         made = f"  (MLflow run {row['run_id']}, {row['created']})" if row["run_id"] else ""
+        made = f"  (lease held by {row['lease_owner']})" if row["lease_owner"] else made
         print(f"{row['stage']:<{width}}  {row['state']:<8}  {row['output']}{made}")
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _store(args: argparse.Namespace) -> str | None:
+    """The tracking store `compare` and `promote` read: --tracking-uri, --config's, or MLFLOW_TRACKING_URI."""
     if args.tracking_uri:
-        uri = args.tracking_uri
-    elif args.config:
-        uri = tracking_uri(load_config(args.config))
-    else:
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        return args.tracking_uri
+    if args.config:
+        return tracking_uri(load_config(args.config))
+    return os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _promote(args: argparse.Namespace) -> int:
+    uri = _store(args)
+    if not uri:
+        print("vq2 promote: give --tracking-uri, --config or MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    try:
+        promoted = promote(uri, args.experiment, args.run, args.alias)
+    except (ValueError, LookupError, MlflowException) as error:
+        print(f"vq2 promote: {getattr(error, 'message', error)}", file=sys.stderr)
+        return 2
+    for name, version in promoted:
+        print(f"{name} version {version} is now {name}@{args.alias} (models:/{name}@{args.alias})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    uri = _store(args)
     if not uri:
         print("vq2 compare: give --tracking-uri, --config or MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
-    table, report, png = compare(uri, args.experiment, args.metric, args.runs)
-    print(table)
-    out = Path(args.out or f"vq2-compare-{args.experiment}.html")
-    out.write_text(report)
-    out.with_suffix(".png").write_bytes(png)
-    print(f"report: {out} (chart: {out.with_suffix('.png')})")
+    try:
+        comparison = compare(uri, args.experiment, args.metric, args.runs)
+    except ValueError as error:
+        print(f"vq2 compare: {error}", file=sys.stderr)
+        return 2
+    print(comparison.table)
+    local = "" if uri.startswith(("http://", "https://")) else f"  (serve the store first: mlflow ui --backend-store-uri {uri})"
+    print(f"MLflow compare view: {comparison.ui_link}{local}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(comparison.report)
+        out.with_suffix(".png").write_bytes(comparison.chart)
+        print(f"report: {out} (chart: {out.with_suffix('.png')})")
     return 0
 
 

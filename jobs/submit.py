@@ -1,7 +1,10 @@
-"""`ray job submit` target: run the whole pipeline on the cluster the job was submitted to.
+"""`ray job submit` target: run the whole pipeline (preflight first) on the cluster the job was submitted to.
 
-    ray job submit --address http://<head>:8265 --working-dir . -- \
+    ray dashboard ray_cluster.yaml     # an SSH tunnel to the head's job API, in another terminal
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m jobs.submit --config configs/imagenet256.yaml storage.root=s3://bucket/runs
+
+KubeRay runs it as deploy/k8s/rayjob.yaml's entrypoint. Arguments are those of `vq2 run`.
 """
 
 import sys

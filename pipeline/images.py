@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.faults import BadInput
 
-class RejectedImage(Exception):
+
+class RejectedImage(BadInput):
     """An input that cannot become a training image; the message is the reason kept in the manifest."""
 
 
@@ -88,6 +90,11 @@ def process_image(data: bytes, settings: ImageSettings) -> bytes:
     if len(data) > settings.max_file_bytes:
         raise RejectedImage(f"file larger than {settings.max_file_bytes} bytes")
     image = _open_bounded(data, settings.max_pixels)
+    if not settings.reencode and settings.image_size and image.size != (settings.image_size, settings.image_size):
+        # Kept as they are (not resized), so they must already have the size every later stage expects.
+        width, height = image.size
+        raise RejectedImage(f"{width}x{height} pixels, not {settings.image_size}x{settings.image_size} "
+                            "(dataset.reencode is false, so images are not resized)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -59,20 +59,30 @@ def _classify(path: str, splits: tuple[str, ...], seen: set[tuple[str, str]]) ->
     return Entry(split, label_name, key, path)
 
 
+class SourceError(ValueError):
+    """A dataset source that cannot be sharded: missing, empty, or without a configured split."""
+
+
 def _read_paths(source: Location, listing: Location | None, splits: tuple[str, ...]) -> dict[str, int | None]:
     if listing is not None:
+        if not listing.exists():
+            raise SourceError(f"dataset.listing {listing}: not found")
         lines = listing.read_bytes().decode("utf-8", errors="replace").splitlines()
         return {line.strip(): None for line in lines if line.strip()}
+    if not source.exists():
+        raise SourceError(f"dataset.source {source}: not found (expected a folder <split>/<class>/<file>)")
     paths: dict[str, int | None] = {}
     for split in splits:
-        split_root = Location(f"{source.uri}/{split}", source.endpoint_url, source.region)
-        for relative, size in split_root.list_files().items():
+        for relative, size in (source / split).list_files().items():
             paths[f"{split}/{relative}"] = size
     return paths
 
 
 def scan(source: Location, splits: tuple[str, ...], listing: Location | None = None) -> Listing:
-    """List the source (or read the listing file), sort it, split accepted entries from bad names."""
+    """List the source (or read the listing file), sort it, split accepted entries from bad names.
+
+    A source (or listing) that is missing, or has no file of a configured split, is a SourceError: it
+    would make an empty dataset, and a mistyped URI looks exactly like that."""
     paths = _read_paths(source, listing, splits)
     result = Listing()
     seen: set[tuple[str, str]] = set()
@@ -82,4 +92,10 @@ def scan(source: Location, splits: tuple[str, ...], listing: Location | None = N
         item = _classify(path, splits, seen)
         (result.entries if isinstance(item, Entry) else result.rejected).append(item)
     result.fingerprint = digest.hexdigest()[:16]
+    listed = {entry.split for entry in result.entries}
+    empty = [split for split in splits if split not in listed]
+    if empty:
+        where = f"dataset.source {source}" + (f" (listed in dataset.listing {listing})" if listing else "")
+        raise SourceError(f"{where}: no file in split folder(s) {', '.join(empty)} "
+                          f"(dataset.splits: {', '.join(splits)}; expected <split>/<class>/<file>)")
     return result

@@ -7,6 +7,9 @@
 - Inception Score from class logits (`inception_score`), mean and std over splits.
 - Precision and recall (Kynkaanniemi et al. 2019): k-NN manifolds of each set, k=3.
 - Top-k accuracy of logits against labels (`topk_accuracy`, `accuracy_scores`), for CAS.
+- Validity (`Measurement`, `enough_points`): every FID and precision/recall value travels with the sizes of
+  the two sets it compared, the feature dimension, whether those counts are enough for it to mean
+  something, and its floor: the same metric between two disjoint sets of real images of the same sizes.
 
 Feature extraction (pipeline/feature_nets.py) is separate: these functions take what the actor pool
 collected, so the driver reduces without any network. Metric names carry their feature network via
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -196,3 +200,42 @@ def topk_accuracy(logits, labels, k: int = 1) -> float:
 def accuracy_scores(logits, labels, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """{'top1': ..., 'top5': ...}: the accuracies CAS reports (classifier trained on samples, tested on real)."""
     return {f"top{k}": topk_accuracy(logits, labels, k) for k in ks}
+
+
+# --- Validity -------------------------------------------------------------------------------------------
+
+
+def enough_points(n: int, ref_n: int, dim: int) -> bool:
+    """Whether two sets of n and ref_n points of dim-d features are enough for FID or precision/recall.
+
+    FID needs more points in each set than dimensions: below, the covariances are singular and the value
+    is dominated by its bias, which grows as the counts fall (two sets of 96 real Fashion-MNIST images are
+    93.5 apart on 2048-d Inception features). So do the k-NN manifolds of precision and recall: the balls
+    around fewer points than dimensions cover next to nothing (both come out 0 at 96 Inception features).
+    """
+    return min(n, ref_n) > dim
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A metric's value with what it was computed on: the sizes of the measured set (samples,
+    reconstructions) and of the reference set (real images), the feature dimension, and the floor: the
+    same metric between two disjoint sets of real images of those sizes (what a perfect model would get)."""
+
+    value: float
+    n: int
+    ref_n: int
+    dim: int
+    floor: float | None = None
+
+    @property
+    def reliable(self) -> bool:
+        return enough_points(self.n, self.ref_n, self.dim)
+
+    def flat(self, name: str) -> dict[str, float]:
+        """The tracked metrics: `name` and name_n, name_ref_n, name_dim, name_reliable (1 or 0), name_floor."""
+        out = {name: self.value, f"{name}_n": self.n, f"{name}_ref_n": self.ref_n, f"{name}_dim": self.dim,
+               f"{name}_reliable": float(self.reliable)}
+        if self.floor is not None:
+            out[f"{name}_floor"] = self.floor
+        return out

@@ -1,9 +1,11 @@
-"""The stage runner: fingerprints, cache hits, resumable runs, manifests written last, MLflow runs."""
+"""The stage runner: fingerprints, cache hits, one writer per output, resumable runs, manifests written last, MLflow runs."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,16 +14,22 @@ from typing import Any
 
 import ray
 
+from pipeline import cluster, lineage, ray_logs, system_metrics
+from pipeline.code_digest import code_digest
 from pipeline.config import PipelineConfig, fingerprint, flatten, to_yaml
 from pipeline.dataset import Dataset
+from pipeline.lease import read_lease, stage_lease
+from pipeline.progress import quiet_ray_data
 from pipeline.storage import MANIFEST, Location, stage_location
-from pipeline.tracking import StageRun, Tracker, code_version
+from pipeline.system_metrics import SystemMetrics
+from pipeline.tracking import StageRun, Tracker, code_version, ended_status
 
 log = logging.getLogger("vq2")
 
 # The stages in run order. A stage is a module with NAME, SECTION (its config section), FORMAT_VERSION,
-# UPSTREAM (names of the stages it reads), optionally external_inputs(cfg) -> (fingerprints, data),
-# and run(cfg, ctx) -> manifest body. Adding a stage is adding its module name here.
+# UPSTREAM (names of the stages it reads), optionally upstream(cfg) (those of UPSTREAM a config makes it read:
+# a model taken from the Model Registry replaces a stage), optionally external_inputs(cfg) -> (fingerprints,
+# data), and run(cfg, ctx) -> manifest body. Adding a stage is adding its module name here.
 STAGE_MODULES = (
     "pipeline.shard",
     "pipeline.train_vqvae",
@@ -37,6 +45,38 @@ def stages() -> dict[str, ModuleType]:
     """Stage name -> module, in run order."""
     modules = [importlib.import_module(name) for name in STAGE_MODULES]
     return {module.NAME: module for module in modules}
+
+
+@dataclass(frozen=True)
+class StageAddress:
+    """Where one stage's output lives for one set of inputs, and what went into its fingerprint."""
+
+    fingerprint: str
+    location: Location  # <root>/<stage>/<fingerprint>
+    inputs: dict[str, str]  # upstream fingerprints, external input fingerprints and `code`, as hashed
+    external: Any  # what external_inputs() returned besides fingerprints (e.g. the shard listing)
+
+
+def upstream_of(module: ModuleType, cfg: PipelineConfig) -> tuple[str, ...]:
+    """The upstream stages a stage reads under this config."""
+    return tuple(module.upstream(cfg)) if hasattr(module, "upstream") else module.UPSTREAM
+
+
+def stage_address(module: ModuleType, cfg: PipelineConfig, upstream: dict[str, str]) -> StageAddress:
+    """The content address of a stage's output: a hash of its config section, the fingerprints of its
+    upstream outputs (`upstream`: stage name -> fingerprint) and external inputs, the digest of the code
+    it runs (pipeline/code_digest.py) and its format version. The one place this rule is written: runs,
+    status, completeness checks and encode's lookup of earlier versions all call it. A model a stage takes from
+    the Model Registry is an external input: the sha256 of its file (pipeline/registry.py)."""
+    inputs = {name: upstream[name] for name in upstream_of(module, cfg)}
+    external = None
+    if hasattr(module, "external_inputs"):
+        external_fingerprints, external = module.external_inputs(cfg)
+        inputs |= external_fingerprints
+    inputs["code"] = code_digest(module.__name__)
+    stage_fingerprint = fingerprint(getattr(cfg, module.SECTION), inputs, module.FORMAT_VERSION)
+    location = stage_location(Location.from_config(cfg.storage), module.NAME, stage_fingerprint)
+    return StageAddress(stage_fingerprint, location, inputs, external)
 
 
 @dataclass(frozen=True)
@@ -61,6 +101,13 @@ class StageContext:
     upstream: dict[str, StageResult]
     external: Any  # what external_inputs() returned besides fingerprints (e.g. the shard listing)
     tracking: StageRun
+    module: ModuleType
+    cfg: PipelineConfig
+
+    def output_for(self, upstream: dict[str, str]) -> Location:
+        """This stage's output folder had its upstream outputs had these fingerprints (e.g. an earlier
+        dataset version): where an earlier run of the same code and config wrote."""
+        return stage_address(self.module, self.cfg, upstream).location
 
 
 def cluster_size() -> int:
@@ -69,13 +116,17 @@ def cluster_size() -> int:
 
 def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the configured cluster (or start a local Ray) unless this process is already connected."""
+    quiet_ray_data()
     if ray.is_initialized():
         return
+    # ray.init replaces the SIGTERM handler with sys.exit; keep ours, which ends the MLflow runs KILLED.
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     if cfg.ray.address is None:
-        ray.init(include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": "pipeline.ray_logs.quiet_placement_group_cleaner"})
+        ray.init(include_dashboard=False, runtime_env=ray_logs.LOCAL_RUNTIME_ENV)
     else:
         ray.init(address=cfg.ray.address)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm_handler)
 
 
 def read_manifest(location: Location) -> dict | None:
@@ -84,61 +135,77 @@ def read_manifest(location: Location) -> dict | None:
     return manifest.read_json() if manifest.exists() else None
 
 
-def _inputs(module: ModuleType, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> tuple[dict, Any]:
-    fingerprints = {name: upstream[name].fingerprint for name in module.UPSTREAM}
-    external = None
-    if hasattr(module, "external_inputs"):
-        external_fingerprints, external = module.external_inputs(cfg)
-        fingerprints |= external_fingerprints
-    return fingerprints, external
+def _fingerprints(upstream: dict[str, StageResult]) -> dict[str, str]:
+    return {name: result.fingerprint for name, result in upstream.items()}
 
 
 def run_stage(
     module: ModuleType, cfg: PipelineConfig, tracker: Tracker, upstream: dict[str, StageResult]
 ) -> StageResult:
-    """Run one stage unless its output for this fingerprint is complete; a partial output is resumed."""
-    root = Location.from_config(cfg.storage)
-    section = getattr(cfg, module.SECTION)
-    inputs, external = _inputs(module, cfg, upstream)
-    stage_fingerprint = fingerprint(section, inputs, module.FORMAT_VERSION)
-    output = stage_location(root, module.NAME, stage_fingerprint)
-    tracking = tracker.start_stage(module.NAME, stage_fingerprint, inputs, flatten(section, f"{module.SECTION}."))
+    """Run one stage unless its output for this fingerprint is complete; a partial output is resumed.
 
-    manifest = read_manifest(output)
-    if manifest is not None:
-        log.info("%s: cached at %s (made by MLflow run %s)", module.NAME, output, manifest.get("run_id"))
+    The run holds the output's lease while it works (pipeline/lease.py): a second run of the same
+    config waits for this one's manifest instead of writing the same files.
+    """
+    address = stage_address(module, cfg, _fingerprints(upstream))
+    output = address.location
+    section = getattr(cfg, module.SECTION)
+    tracking = tracker.start_stage(module.NAME, address.fingerprint, address.inputs,
+                                   flatten(section, f"{module.SECTION}."))
+    reads = {name: upstream[name] for name in upstream_of(module, cfg)}
+    tracking.log_inputs(lineage.stage_inputs(module.NAME, reads, address.inputs, cfg.dataset.source,
+                                             getattr(module, "TRAINS", False)))
+
+    def cached(manifest: dict, how: str) -> StageResult:
+        log.info("%s: %s at %s (made by MLflow run %s)", module.NAME, how, output, manifest.get("run_id"))
         tracking.set_tags({"cached": "true", "produced_by_run": manifest.get("run_id") or "", "output": output.uri})
         tracking.finish()
-        return StageResult(module.NAME, stage_fingerprint, output, manifest, cached=True)
+        return StageResult(module.NAME, address.fingerprint, output, manifest, cached=True)
 
-    log.info("%s: running into %s", module.NAME, output)
-    ensure_ray(cfg)  # only now: a pipeline whose stages are all cached never starts Ray
-    tracking.set_tags({"cached": "false", "output": output.uri, "cluster_size": str(cluster_size())})
-    started = time.monotonic()
-    ctx = StageContext(module.NAME, stage_fingerprint, root, output, upstream, external, tracking)
     try:
-        body = module.run(cfg, ctx)
-    except BaseException:
-        tracking.finish("FAILED")
+        manifest = read_manifest(output)
+        if manifest is not None:
+            return cached(manifest, "cached")
+        done = lambda: read_manifest(output) is not None  # noqa: E731
+        with stage_lease(output, cfg.storage.lease_ttl_s, done, cfg.storage.lease_poll_s, module.NAME) as lease:
+            manifest = read_manifest(output)  # the run that held the lease before may have finished it
+            if manifest is not None:
+                return cached(manifest, "made by a concurrent run" if lease is None else "cached")
+            log.info("%s: running into %s", module.NAME, output)
+            ensure_ray(cfg)  # only now: a pipeline whose stages are all cached never starts Ray
+            # Here, not in the stages: what a stage asks of the cluster is not part of the code it runs.
+            cluster.require(cluster.stage_demand(cfg, module.NAME), cfg.ray)
+            tracking.set_tags({"cached": "false", "output": output.uri, "cluster_size": str(cluster_size())})
+            started = time.monotonic()
+            ctx = StageContext(module.NAME, address.fingerprint, Location.from_config(cfg.storage), output, upstream,
+                               address.external, tracking, module, cfg)
+            with SystemMetrics(tracking, cfg.mlflow.system_metrics_s, system_metrics.node_id()):
+                body = module.run(cfg, ctx)
+            wall_time_s = time.monotonic() - started
+            tracking.log_metrics({"wall_time_s": wall_time_s})
+            manifest = body | {
+                "stage": module.NAME,
+                "fingerprint": address.fingerprint,
+                "format_version": module.FORMAT_VERSION,
+                "inputs": address.inputs,
+                "run_id": tracking.run_id,
+                "code_version": code_version(),
+                "created": datetime.now(timezone.utc).isoformat(),
+                "wall_time_s": wall_time_s,
+            }
+            lease.check()
+            # Before the manifest, so that what MLflow has not received yet is listed in it.
+            tracker.replay(output)
+            tracker.flush()
+            manifest["tracking_backlog"] = tracker.backlog()
+            # Written last: its presence is what marks every file it lists as complete.
+            (output / MANIFEST).write_json(manifest)
+    except BaseException as error:
+        tracking.finish(ended_status(error))
         raise
-    wall_time_s = time.monotonic() - started
-    tracking.log_metrics({"wall_time_s": wall_time_s})
-    manifest = body | {
-        "stage": module.NAME,
-        "fingerprint": stage_fingerprint,
-        "format_version": module.FORMAT_VERSION,
-        "inputs": inputs,
-        "run_id": tracking.run_id,
-        "code_version": code_version(),
-        "created": datetime.now(timezone.utc).isoformat(),
-        "wall_time_s": wall_time_s,
-        "tracking_failures": list(tracker.failures),
-    }
-    # Written last: its presence is what marks every file it lists as complete.
-    (output / MANIFEST).write_json(manifest)
     tracking.log_dict(manifest, MANIFEST)
     tracking.finish()
-    return StageResult(module.NAME, stage_fingerprint, output, manifest, cached=False)
+    return StageResult(module.NAME, address.fingerprint, output, manifest, cached=False)
 
 
 class StageFailed(RuntimeError):
@@ -187,12 +254,12 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, command: str = "r
         if stage is not None and stage not in available:
             raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(available)}")
     last = only or until
-    wanted = set(available) if last is None else _needed_upstream(available, last) | {last}
+    wanted = set(available) if last is None else _needed_upstream(available, last, cfg) | {last}
     tracker = Tracker(cfg)
     tracker.start_pipeline(command, to_yaml(cfg))
     results: dict[str, StageResult] = {}
     pinned: dict[str, StageResult] | None = None  # what the training stages see under the encode policy
-    status = "FAILED"
+    error: BaseException | None = None
     try:
         for index, (name, module) in enumerate(available.items()):
             if name not in wanted:
@@ -209,11 +276,11 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, command: str = "r
             if name == "shard" and (first := pinned_dataset(cfg, results["shard"])) is not None:
                 log.info("policy.on_new_data=encode: training stages keep dataset %s", first.fingerprint)
                 pinned = {"shard": first}
-        status = "FINISHED"
+    except BaseException as caught:
+        error = caught
+        raise
     finally:
-        tracker.finish_pipeline(status)
-    if tracker.failures:
-        log.warning("MLflow tracking failed during this run (data is complete): %s", "; ".join(tracker.failures))
+        tracker.finish_pipeline(ended_status(error))
     return results
 
 
@@ -223,37 +290,40 @@ def pipeline_status(cfg: PipelineConfig) -> list[dict]:
     Fingerprints come from the config and the upstream fingerprints, so downstream stages of a
     missing stage are still located. (Under the encode policy this shows the newest dataset's view.)
     """
-    root = Location.from_config(cfg.storage)
-    upstream: dict[str, StageResult] = {}
+    fingerprints: dict[str, str] = {}
     rows = []
     for name, module in stages().items():
-        inputs, _ = _inputs(module, cfg, upstream)
-        stage_fingerprint = fingerprint(getattr(cfg, module.SECTION), inputs, module.FORMAT_VERSION)
-        output = stage_location(root, name, stage_fingerprint)
+        address = stage_address(module, cfg, fingerprints)
+        output = address.location
         manifest = read_manifest(output)
-        state = "complete" if manifest is not None else "partial" if output.list_files() else "missing"
-        rows.append({"stage": name, "state": state, "fingerprint": stage_fingerprint, "output": output.uri,
-                     "run_id": (manifest or {}).get("run_id"), "created": (manifest or {}).get("created")})
-        upstream[name] = StageResult(name, stage_fingerprint, output, manifest or {}, cached=manifest is not None)
+        holder = read_lease(output) if manifest is None else None
+        if manifest is not None:
+            state = "complete"
+        elif holder is not None and holder["expires"] > time.time():
+            state = "running"
+        else:
+            state = "partial" if output.list_files() else "missing"
+        rows.append({"stage": name, "state": state, "fingerprint": address.fingerprint, "output": output.uri,
+                     "run_id": (manifest or {}).get("run_id"), "created": (manifest or {}).get("created"),
+                     "lease_owner": holder["owner"] if state == "running" else None})
+        fingerprints[name] = address.fingerprint
     return rows
 
 
-def _needed_upstream(available: dict[str, ModuleType], stage: str) -> set[str]:
-    needed, todo = set(), list(available[stage].UPSTREAM)
+def _needed_upstream(available: dict[str, ModuleType], stage: str, cfg: PipelineConfig) -> set[str]:
+    needed, todo = set(), list(upstream_of(available[stage], cfg))
     while todo:
         name = todo.pop()
         if name not in needed:
             needed.add(name)
-            todo.extend(available[name].UPSTREAM)
+            todo.extend(upstream_of(available[name], cfg))
     return needed
 
 
 def _require_complete(module: ModuleType, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> StageResult:
-    root = Location.from_config(cfg.storage)
-    inputs, _ = _inputs(module, cfg, upstream)
-    stage_fingerprint = fingerprint(getattr(cfg, module.SECTION), inputs, module.FORMAT_VERSION)
-    output = stage_location(root, module.NAME, stage_fingerprint)
-    manifest = read_manifest(output)
+    address = stage_address(module, cfg, _fingerprints(upstream))
+    manifest = read_manifest(address.location)
     if manifest is None:
-        raise RuntimeError(f"{module.NAME} output {output} is not complete: run `vq2 {module.NAME}` or `vq2 run` first")
-    return StageResult(module.NAME, stage_fingerprint, output, manifest, cached=True)
+        raise RuntimeError(f"{module.NAME} output {address.location} is not complete: run `vq2 {module.NAME}` or "
+                           "`vq2 run` first")
+    return StageResult(module.NAME, address.fingerprint, address.location, manifest, cached=True)

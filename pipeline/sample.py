@@ -10,14 +10,17 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 import webdataset as wds
 from PIL import Image
 
 from models.sampling import sample_codes
+from mlflow.entities import LoggedModelInput
+
+from pipeline import registry
+from pipeline.actor_pool import pool_rows
 from pipeline.checkpoints import load_model
-from pipeline.codes import CodesLayout, codes_table, read_codes, table_tensors, write_codes
+from pipeline.codes import CodesLayout, codes_table, level_names, read_codes, table_tensors, write_codes
 from pipeline.config import PipelineConfig, SampleConfig
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.feature_nets import CLASSIFIER, EFFICIENTNET_LITE0, load_feature_net
@@ -31,6 +34,33 @@ SECTION = "sample"
 FORMAT_VERSION = 1
 # Not the shard stage: the models fix the classes, so a grown dataset is not sampled again.
 UPSTREAM = ("train_vqvae", "train_prior", "train_classifier")
+MODELS = "models"  # the registered models a run takes, copied here after their digests are checked
+
+
+def registry_models(cfg: PipelineConfig) -> dict[str, str]:
+    """{role: models:/ URI} of the models the config takes from the Model Registry: vqvae, prior.<level> (top
+    first), classifier."""
+    section = cfg.sample
+    uris = {"vqvae": section.vqvae} if section.vqvae else {}
+    if section.priors:
+        uris |= {f"prior.{name}": uri for name, uri in zip(level_names(len(section.priors)), section.priors)}
+    if section.rejection.classifier.startswith("models:"):
+        uris["classifier"] = section.rejection.classifier
+    return uris
+
+
+def upstream(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The training stages whose models sampling takes: those the config does not take from the registry."""
+    replaced = {"train_vqvae": "vqvae", "train_prior": "prior.top", "train_classifier": "classifier"}
+    taken = registry_models(cfg)
+    return tuple(name for name in UPSTREAM if replaced[name] not in taken)
+
+
+def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, registry.RegisteredVersion]]:
+    """A registered model is an input: the sha256 of its file enters the fingerprint (`registry.<role>`), so a
+    moved alias (a new champion) samples again, and the same weights under another version do not."""
+    resolved = {role: registry.resolve(cfg, uri) for role, uri in registry_models(cfg).items()}
+    return {f"registry.{role}": version.weights_sha256[:16] for role, version in resolved.items()}, resolved
 
 
 def sample_fields(levels: int) -> list[pa.Field]:
@@ -56,15 +86,19 @@ def per_level(value, levels: int, key: str) -> list:
     return values
 
 
-def trained_classes(ctx) -> list[str]:
-    """The classes sampling draws from: those the priors and the classifier were trained on.
+def trained_classes(ctx, classifier_classes: list[str] | None = None,
+                    prior_classes: dict[str, int] | None = None) -> list[str]:
+    """The classes sampling draws from: those the priors and the classifier were trained on (the upstream
+    stages' manifests say, unless the registered models' files are given).
 
     Not the dataset's: under `policy.on_new_data: encode` the models keep the first dataset version,
     and a grown dataset may have more classes, which the models cannot sample (evaluate says so).
     """
-    classes = ctx.upstream["train_classifier"].manifest["classes"]
-    for level, info in ctx.upstream["train_prior"].manifest["levels"].items():
-        conditioned_on = info["prior_config"]["num_classes"]
+    classes = classifier_classes or ctx.upstream["train_classifier"].manifest["classes"]
+    if prior_classes is None:
+        prior_classes = {level: info["prior_config"]["num_classes"]
+                         for level, info in ctx.upstream["train_prior"].manifest["levels"].items()}
+    for level, conditioned_on in prior_classes.items():
         if conditioned_on and conditioned_on != len(classes):
             raise RuntimeError(f"the {level} prior knows {conditioned_on} classes, the classifier {len(classes)}: "
                                "train both on the same dataset")
@@ -98,7 +132,8 @@ class Scorer:
         if classifier == "efficientnet_lite0":
             self.net = load_feature_net(EFFICIENTNET_LITE0, device=device)
         else:
-            self.net = load_feature_net(CLASSIFIER, model_file if classifier == "dataset" else classifier, device)
+            own = classifier == "dataset" or classifier.startswith("models:")  # model_file: the stage's or registered
+            self.net = load_feature_net(CLASSIFIER, model_file if own else classifier, device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -156,13 +191,8 @@ def run_batches(todo: list[dict], actor_args: dict, section: SampleConfig) -> Pr
     progress = Progress("sample batches", len(todo))
     if not todo:
         return progress
-    pool = ray.data.from_items(todo).map_batches(
-        SampleActor, fn_constructor_kwargs=actor_args, batch_size=1, concurrency=min(section.num_actors, len(todo)),
-        # Ray Data restarts a dead actor and retries its batch (its default for actor pools); a finished
-        # batch is never redone because its files are already complete.
-        num_gpus=1 if section.use_gpu else 0,
-    )
-    for row in pool.iter_rows():
+    # A dead actor's batch goes to a new pool; a finished batch is never redone (its files are complete).
+    for row in pool_rows(todo, SampleActor, actor_args, actors=section.num_actors, num_gpus=1 if section.use_gpu else 0):
         progress.advance(1, int(row["samples"]))
     return progress
 
@@ -211,17 +241,52 @@ def _grids(table: pa.Table, accepted: np.ndarray, vqvae, layout: CodesLayout, pe
     return png_bytes(image_grid(samples)), png_bytes(image_grid(split))
 
 
+def _stage_model(ctx, stage: str, level: str | None = None) -> Location:
+    result = ctx.upstream[stage]
+    return result.location / (result.manifest["levels"][level]["model"] if level else result.manifest["model"])
+
+
+def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[str], torch.nn.Module]:
+    """(model files, code layout, classes, VQ-VAE) of this run: each model from its training stage or, where
+    the config names one, from the Model Registry (copied under the output once its digest checks out);
+    models from different trainings are checked to fit together."""
+    registered = ctx.external or {}
+    if registered:
+        ctx.tracking.log_inputs(models=[LoggedModelInput(version.model_id) for version in registered.values()])
+        ctx.tracking.set_tags({f"registry.{role}": f"{v.name}/{v.version}" for role, v in registered.items()})
+    files = {role: registry.fetch(cfg, version, ctx.output / MODELS / f"{role}.pt") for role, version in registered.items()}
+    vqvae_file = files.get("vqvae") or _stage_model(ctx, "train_vqvae")
+    vqvae, vqvae_extra = load_model(vqvae_file, "vqvae")
+    vqvae_fingerprint = registered["vqvae"].fingerprint if "vqvae" in registered else ctx.upstream["train_vqvae"].fingerprint
+    prior_classes = None
+    if cfg.sample.priors:
+        names = level_names(len(cfg.sample.priors))
+        priors = [files[f"prior.{name}"] for name in names]
+        prior_configs = [load_model(file, "prior")[0].cfg for file in priors]
+        prior_classes = {name: c.num_classes for name, c in zip(names, prior_configs)}
+        layout = CodesLayout([c.grid for c in prior_configs], [c.codebook_size for c in prior_configs],
+                             vqvae_file.uri, vqvae_fingerprint)
+    else:
+        layout = CodesLayout(**ctx.upstream["train_prior"].manifest["layout"])
+        # By level name: manifests are written with sorted keys, so their order is not the levels'.
+        priors = [_stage_model(ctx, "train_prior", name) for name in layout.levels]
+        layout = dataclasses.replace(layout, vqvae_model=vqvae_file.uri, vqvae_fingerprint=vqvae_fingerprint)
+    if registered:
+        grids = [tuple(g) for g in vqvae.cfg.grid_shapes(vqvae_extra["image_size"])]
+        if grids != list(layout.grids) or set(layout.codebook_sizes) != {vqvae.cfg.codebook_size}:
+            raise ValueError(f"the priors model codes of grids {list(layout.grids)} and codebooks "
+                             f"{list(layout.codebook_sizes)}, the VQ-VAE {vqvae_file} makes {grids} of "
+                             f"{vqvae.cfg.codebook_size}: take priors trained on this VQ-VAE's codes")
+    classifier = files.get("classifier")
+    classifier_classes = load_model(classifier, "classifier")[1]["classes"] if classifier else None
+    classifier = classifier or _stage_model(ctx, "train_classifier")
+    classes = trained_classes(ctx, classifier_classes, prior_classes)
+    return {"vqvae": vqvae_file, "priors": priors, "classifier": classifier}, layout, classes, vqvae
+
+
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.sample
-    classes = trained_classes(ctx)
-    vqvae_out, prior_out = ctx.upstream["train_vqvae"], ctx.upstream["train_prior"]
-    layout = CodesLayout(**prior_out.manifest["layout"])
-    models = {
-        "vqvae": vqvae_out.location / vqvae_out.manifest["model"],
-        # By level name: manifests are written with sorted keys, so their order is not the levels'.
-        "priors": [prior_out.location / prior_out.manifest["levels"][name]["model"] for name in layout.levels],
-        "classifier": ctx.upstream["train_classifier"].location / ctx.upstream["train_classifier"].manifest["model"],
-    }
+    models, layout, classes, vqvae = sampling_models(cfg, ctx)
     levels = len(layout.grids)
     per_level(section.temperature, levels, "temperature")
     per_level(section.top_k, levels, "top_k")
@@ -234,7 +299,6 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     table = read_samples(ctx.output, len(batches), levels)
     labels, scores = table.column("label").to_numpy(), table.column("score").to_numpy()
     accepted, thresholds = accept(scores, labels, section)
-    vqvae, _ = load_model(models["vqvae"], "vqvae")
     samples_png, rejection_png = _grids(table, accepted, vqvae, layout, section.grid_per_class)
     ctx.tracking.log_bytes(samples_png, "samples.png")
     ctx.tracking.log_bytes(rejection_png, "rejection_accepted_vs_rejected.png")

@@ -15,8 +15,9 @@ import ray
 import webdataset as wds
 
 from pipeline.config import PipelineConfig
-from pipeline.images import ImageSettings, RejectedImage, process_image
-from pipeline.listing import Entry, Listing, scan
+from pipeline.faults import BadInput, is_transient
+from pipeline.images import ImageSettings, process_image
+from pipeline.listing import Entry, Listing, SourceError, scan
 from pipeline.progress import Progress
 from pipeline.storage import MANIFEST, Location
 
@@ -54,8 +55,16 @@ class ShardTask:
         return self.output / self.split / self.name.replace(".tar", ".json")
 
 
+def _rejection_reason(error: Exception) -> str:
+    # A bad input is a BadInput (its message is the reason) or the storage's answer that the file is not there.
+    return str(error) if isinstance(error, BadInput) else f"not found: {type(error).__name__}: {error}"
+
+
 def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
-    """Decode, convert and re-encode every input of a shard into tar bytes; bad inputs are rejected."""
+    """Decode, convert and re-encode every input of a shard into tar bytes; bad inputs are rejected.
+
+    Reads are retried on transient faults (Location); one that persists raises, failing the task, so an
+    image is rejected only for what it is, never for what the storage did."""
     stream = io.BytesIO()
     keys, labels, rejected = [], [], []
     # mtime fixed so that the same inputs always give the same bytes (checksums stable across reruns).
@@ -65,11 +74,10 @@ def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
             try:
                 data = (task.source / path).read_bytes(limit=settings.max_file_bytes)
                 jpeg = process_image(data, settings)
-            except RejectedImage as reason:
-                rejected.append({"path": path, "reason": str(reason)})
-                continue
-            except OSError as error:
-                rejected.append({"path": path, "reason": f"unreadable file: {type(error).__name__}: {error}"})
+            except Exception as error:  # noqa: BLE001 - is_transient decides; a transient error is raised
+                if is_transient(error):
+                    raise
+                rejected.append({"path": path, "reason": _rejection_reason(error)})
                 continue
             writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
             keys.append(key)
@@ -104,12 +112,17 @@ def write_shard_task(task: ShardTask, settings: ImageSettings) -> dict:
     return write_shard(task, settings)
 
 
+def _source(cfg: PipelineConfig) -> Location:
+    """The image folder, reached like the storage root (endpoint, region, retry policy)."""
+    return Location.from_config(cfg.storage).at(cfg.dataset.source)
+
+
 def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], Listing]:
-    """The listing of the source folder: its fingerprint goes into the stage fingerprint."""
+    """The listing of the source folder: its fingerprint goes into the stage fingerprint. A missing or empty
+    source, or a configured split without files, is a SourceError naming the URI."""
     dataset = cfg.dataset
-    source = Location(dataset.source, cfg.storage.endpoint_url, cfg.storage.region)
-    listing_file = Location(dataset.listing, cfg.storage.endpoint_url, cfg.storage.region) if dataset.listing else None
-    listing = scan(source, dataset.splits, listing_file)
+    listing_file = Location.from_config(cfg.storage).at(dataset.listing) if dataset.listing else None
+    listing = scan(_source(cfg), dataset.splits, listing_file)
     return {"listing": listing.fingerprint}, listing
 
 
@@ -229,7 +242,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     if base:
         log.info("shard: growing version %s (append-only)", base[0]["fingerprint"])
     classes = _class_index(listing, base)
-    source = Location(cfg.dataset.source, cfg.storage.endpoint_url, cfg.storage.region)
+    source = _source(cfg)
     tasks = _plan(listing, classes, base, cfg.dataset.shard_size, source, ctx.output)
     records, progress = _execute(tasks, ImageSettings.from_config(cfg.dataset), cfg)
     records.sort(key=lambda record: (record["split"], record["name"]))
@@ -248,6 +261,12 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     # Every listed path is accounted for exactly once; a mismatch is a bug, never a silent loss.
     if accepted + len(rejected) != listing.count:
         raise RuntimeError(f"shard: {listing.count} inputs but {accepted} accepted + {len(rejected)} rejected")
+    for split in cfg.dataset.splits:
+        # Listed but all rejected (a listing file under a mistyped source, say): an empty split is no dataset.
+        if not any(shard["samples"] for shard in shards if shard["split"] == split):
+            reasons = [f"{item['path']}: {item['reason']}" for item in rejected if item["path"].startswith(f"{split}/")]
+            raise SourceError(f"dataset.source {source}: no usable image in split {split!r}; "
+                              f"{len(reasons)} rejected, the first {reasons[0]}")
 
     index = _index_table(base, records, ctx.fingerprint)
     sink = io.BytesIO()

@@ -36,10 +36,11 @@ class ShardOrder(IterableDataset):
 
 
 def _open_shards(src):
-    """webdataset stage: open each shard Location through fsspec (local, s3://, memory://)."""
+    """webdataset stage: open each shard Location (local, s3://, memory://) as a stream whose reads are
+    retried on transient faults, so a long pass over the shards survives a throttled or flaky store."""
     for item in src:
         shard: Location = item["url"]
-        with shard.fs.open(shard.path, "rb") as stream:
+        with shard.open_read() as stream:
             yield {"url": shard.uri, "stream": stream}
 
 

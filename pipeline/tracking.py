@@ -1,16 +1,37 @@
-"""MLflow tracking: one parent run per invocation, one nested run per stage; never fatal to the data."""
+"""MLflow tracking: one parent run per invocation, one nested run per stage; an outage delays records, never loses or stops work.
+
+Every MLflow call goes through `Tracker.submit`. While the tracking server answers, calls run at once.
+When one fails for a reason that can pass (the server is down or overloaded, the network is cut), it is
+kept, in order, with every later call behind it, and retried after a backoff (doubling, capped); the
+data work never waits for MLflow. When the server is back the queue is delivered in order. At the end of
+a stage the queue is given `mlflow.flush_timeout_s` to drain, and whatever is still queued is listed in
+the stage's manifest; a Ray Train worker writes what it could not deliver under the stage output, and
+the driver delivers it (`replay`).
+
+Runs end FINISHED, FAILED or KILLED (`ended_status`). A run whose process died before it could say so
+(SIGKILL, a lost node) stops renewing its `vq2.heartbeat` tag; the next invocation ends such runs as
+FAILED (`reap_abandoned_runs`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
 import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, LoggedModelInput, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
@@ -19,6 +40,21 @@ from pipeline.storage import Location
 
 log = logging.getLogger("vq2")
 MAX_PARAM_LENGTH = 6000
+BACKLOG = "tracking_backlog"  # folder under a stage output: calls a worker could not deliver
+HEARTBEAT_TAG = "vq2.heartbeat"
+HEARTBEAT_PERIOD_TAG = "vq2.heartbeat_s"
+ABANDONED_AFTER_PERIODS = 3
+
+
+class PipelineStopped(BaseException):
+    """The process was asked to stop (SIGTERM, as `ray job stop` sends; Ctrl-C): runs end KILLED."""
+
+
+def ended_status(error: BaseException | None) -> str:
+    """The MLflow status of a run that ended with `error` (None: it finished)."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (PipelineStopped, KeyboardInterrupt)) else "FAILED"
 
 
 def code_version() -> str:
@@ -39,9 +75,19 @@ def code_version() -> str:
     return metadata.version("vq2")
 
 
+def experiment_name(cfg: PipelineConfig) -> str:
+    """The MLflow experiment of a config: mlflow.experiment, default vq2-<config name>."""
+    return cfg.mlflow.experiment or f"vq2-{cfg.name}"
+
+
+def configured_tracking_uri(cfg: PipelineConfig) -> str | None:
+    """The tracking store that config or MLFLOW_TRACKING_URI names; None leaves the default local store."""
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(cfg: PipelineConfig) -> str:
     """Config, then MLFLOW_TRACKING_URI, then a sqlite store under a local storage root."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = configured_tracking_uri(cfg)
     if uri:
         return uri
     root = Location.from_config(cfg.storage)
@@ -58,12 +104,26 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
+def _refused(error: Exception) -> bool:
+    """True when MLflow answered that the call itself is wrong (a 4xx): retrying cannot help."""
+    if not isinstance(error, MlflowException):
+        return False
+    status = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+@dataclass
+class _Call:
+    what: str
+    run: Callable[[], Any]
+    record: Callable[[], dict]  # what the call carries, for the backlog file and the manifest
+
+
 class Tracker:
-    """MLflow calls for one pipeline invocation. The first failure (server down) turns tracking off for
-    the rest of the invocation: it is logged, recorded in `failures`, and the data work goes on."""
+    """The MLflow calls of one process, delivered in order, queued and retried through outages."""
 
     def __init__(self, cfg: PipelineConfig):
-        # Without these, an unreachable server holds each call for minutes of retries with backoff.
+        # Without these, an unreachable server holds each call for minutes of MLflow's own retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.mlflow.request_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.mlflow.request_timeout_s))
         if cfg.storage.endpoint_url:
@@ -71,86 +131,214 @@ class Tracker:
             os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.storage.endpoint_url)
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        self.failures: list[str] = []
-        self.client = MlflowClient(self.uri)
+        self.client = MlflowClient(self.uri, registry_uri=self.uri)  # else the registry is ./mlflow.db
         self.experiment_id: str | None = None
-        self.parent_id: str | None = None
+        self.parent: StageRun | None = None
+        self.outages: list[str] = []  # the first error of each outage
+        self.refused: list[str] = []  # calls MLflow rejected as wrong: logged, not retried
+        self._queue: deque[_Call] = deque()
+        self._lock = threading.RLock()
+        self._retry_at = 0.0
+        self._backoff = cfg.mlflow.retry_initial_s
+        self._open_runs: list[StageRun] = []
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
-    @property
-    def online(self) -> bool:
-        return not self.failures
+    # --- delivery -------------------------------------------------------------------------------------
 
-    def call(self, what: str, method: str, *args, **kwargs) -> Any:
-        """Call an MlflowClient method; on failure log a warning, record it and return None."""
-        if not self.online:
-            return None
-        try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - any tracking failure must not stop the pipeline
-            message = f"{what}: {type(error).__name__}: {str(error)[:300]}"
-            log.warning("MLflow tracking failed, continuing without it (%s)", message)
-            self.failures.append(message)
-            return None
+    def submit(self, what: str, run: Callable[[], Any], record: Callable[[], dict]) -> None:
+        """Deliver a call now, or queue it behind earlier ones while MLflow is unreachable."""
+        with self._lock:
+            self._queue.append(_Call(what, run, record))
+            self._drain(deadline=None)
 
-    def _experiment(self) -> str | None:
-        name = self.cfg.mlflow.experiment or f"vq2-{self.cfg.name}"
-        found = self.call("get experiment", "get_experiment_by_name", name)
+    def _drain(self, deadline: float | None) -> bool:
+        """Deliver queued calls in order until one fails transiently; with a deadline, keep retrying until
+        then. True when nothing is left."""
+        delivered_late = 0
+        while self._queue:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                if deadline is None or time.monotonic() + wait > deadline:
+                    return False
+                time.sleep(wait)
+            call = self._queue[0]
+            try:
+                call.run()
+            except Exception as error:  # noqa: BLE001 - tracking never stops the data work
+                message = f"{call.what}: {type(error).__name__}: {str(error)[:300]}"
+                if _refused(error):
+                    log.warning("MLflow refused %s; not retried", message)
+                    self.refused.append(message)
+                    self._queue.popleft()
+                    continue
+                if self._retry_at == 0.0:
+                    log.warning("MLflow unreachable (%s); tracking calls are queued and retried, the work goes on",
+                                message)
+                    self.outages.append(message)
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(2 * self._backoff, self.cfg.mlflow.retry_max_s)
+                continue
+            self._queue.popleft()
+            if self._retry_at:
+                delivered_late += 1
+                if not self._queue:
+                    log.info("MLflow reachable again: %d queued tracking calls delivered", delivered_late)
+                    self._retry_at, self._backoff = 0.0, self.cfg.mlflow.retry_initial_s
+        return True
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait up to `timeout_s` (default mlflow.flush_timeout_s) for the queue to drain; True if it did."""
+        timeout_s = self.cfg.mlflow.flush_timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            return self._drain(deadline=time.monotonic() + timeout_s)
+
+    def backlog(self) -> list[dict]:
+        """What is still queued, as records (run, metrics, params, tags, artifacts, statuses)."""
+        with self._lock:
+            return [call.record() for call in self._queue]
+
+    def spill(self, folder: Location) -> None:
+        """Write the queue under `folder` (a Ray Train worker at its end) for the driver to deliver."""
+        records = self.backlog()
+        if records:
+            (folder / BACKLOG / f"{uuid.uuid4().hex}.json").write_json(records)
+
+    def replay(self, folder: Location) -> None:
+        """Queue the calls that workers left under `folder` (metrics, params, tags), then delete the files."""
+        for name in (folder / BACKLOG).list_files():
+            file = folder / BACKLOG / name
+            for record in file.read_json():
+                if record["call"] == "log_batch" and record["run_id"]:
+                    StageRun(self, record["run_id"]).log_batch(
+                        [Metric(*item) for item in record["metrics"]], [Param(*item) for item in record["params"]],
+                        [RunTag(*item) for item in record["tags"]])
+                else:
+                    log.warning("tracking backlog %s: %s cannot be replayed", file, record["call"])
+            file.remove()
+
+    # --- runs -----------------------------------------------------------------------------------------
+
+    def _experiment(self) -> None:
+        name = experiment_name(self.cfg)
+        found = self.client.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
-        if not self.online:
-            return None
+            self.experiment_id = found.experiment_id
+            return
         # A server stores artifacts where it was told to; a local store keeps them under the storage root.
         artifacts = None if _is_server(self.uri) else f"{Location.from_config(self.cfg.storage).uri}/mlflow/artifacts"
         if artifacts and "://" not in artifacts:
             artifacts = Path(artifacts).as_uri()
-        return self.call("create experiment", "create_experiment", name, artifact_location=artifacts)
+        self.experiment_id = self.client.create_experiment(name, artifact_location=artifacts)
 
-    def start_pipeline(self, command: str, resolved_config: str) -> str | None:
-        """Open the parent run of this invocation and attach the resolved config."""
-        self.experiment_id = self._experiment()
-        if self.experiment_id is None:
-            return None
-        tags = {
-            "mlflow.runName": f"{self.cfg.name}: {command}",
-            "command": command,
-            "code_version": code_version(),
-        }
-        run = self.call("start pipeline run", "create_run", self.experiment_id, tags=tags)
-        self.parent_id = run.info.run_id if run else None
-        if self.parent_id:
-            self.call("log config", "log_text", self.parent_id, resolved_config, "config.yaml")
-        return self.parent_id
+    def _run_tags(self) -> dict[str, str]:
+        return {"code_version": code_version(), HEARTBEAT_TAG: str(int(time.time())),
+                HEARTBEAT_PERIOD_TAG: str(self.cfg.mlflow.heartbeat_s)}
 
-    def start_stage(self, stage: str, fingerprint: str, inputs: dict[str, str], params: dict[str, str]):
+    def start_pipeline(self, command: str, resolved_config: str) -> StageRun:
+        """Open the parent run of this invocation, attach the resolved config, and end the runs that an
+        earlier invocation left RUNNING when its process died."""
+        self.submit("get or create experiment", self._experiment, lambda: {"call": "create_experiment"})
+        self.submit("end abandoned runs", self.reap_abandoned_runs, lambda: {"call": "reap_abandoned_runs"})
+        tags = {"mlflow.runName": f"{self.cfg.name}: {command}", "command": command}
+        self.parent = self._open_run("pipeline", tags)
+        self.parent.log_text(resolved_config, "config.yaml")
+        self._heartbeat = threading.Thread(target=self._beat, name="mlflow heartbeat", daemon=True)
+        self._heartbeat.start()
+        return self.parent
+
+    def start_stage(self, stage: str, fingerprint: str, inputs: dict[str, str], params: dict[str, str]) -> StageRun:
         """Open the nested run of one stage; `params` are its flattened config section."""
-        run = None
-        if self.parent_id:
-            tags = {
-                "mlflow.runName": stage,
-                "mlflow.parentRunId": self.parent_id,
-                "stage": stage,
-                "fingerprint": fingerprint,
-                "code_version": code_version(),
-            } | {f"input.{name}": value for name, value in inputs.items()}
-            run = self.call(f"start {stage} run", "create_run", self.experiment_id, tags=tags)
-        stage_run = StageRun(self, run.info.run_id if run else None)
+        tags = {"mlflow.runName": stage, "stage": stage, "fingerprint": fingerprint}
+        tags |= {f"input.{name}": value for name, value in inputs.items()}
+        stage_run = self._open_run(stage, tags)
         stage_run.log_batch(params=[Param(key, value[:MAX_PARAM_LENGTH]) for key, value in params.items()])
         return stage_run
 
+    def _open_run(self, what: str, tags: dict[str, str]) -> StageRun:
+        stage_run = StageRun(self, None)
+        parent = self.parent
+
+        def create() -> None:
+            if self.experiment_id is None:
+                raise MlflowException("no experiment", error_code="RESOURCE_DOES_NOT_EXIST")
+            all_tags = tags | self._run_tags()
+            if parent is not None:
+                if parent.run_id is None:
+                    raise MlflowException("the parent run was not created", error_code="RESOURCE_DOES_NOT_EXIST")
+                all_tags["mlflow.parentRunId"] = parent.run_id
+            stage_run.run_id = self.client.create_run(self.experiment_id, tags=all_tags).info.run_id
+
+        self.submit(f"start {what} run", create, lambda: {"call": "create_run", "run": what})
+        with self._lock:
+            self._open_runs.append(stage_run)
+        return stage_run
+
+    def _beat(self) -> None:
+        while not self._heartbeat_stop.wait(self.cfg.mlflow.heartbeat_s):
+            with self._lock:
+                open_runs = [run for run in self._open_runs if run.run_id]
+            for stage_run in open_runs:
+                stage_run.set_tags({HEARTBEAT_TAG: str(int(time.time()))})
+
+    def reap_abandoned_runs(self) -> list[str]:
+        """End as FAILED the RUNNING runs of this experiment whose heartbeat stopped (their process died
+        without ending them); returns their ids."""
+        now = time.time()
+        abandoned = []
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+            beat, period = run.data.tags.get(HEARTBEAT_TAG), run.data.tags.get(HEARTBEAT_PERIOD_TAG)
+            if beat is None or period is None or now - float(beat) < ABANDONED_AFTER_PERIODS * float(period):
+                continue
+            reason = f"ended by a later vq2 invocation: no heartbeat since {time.ctime(float(beat))} (process gone)"
+            self.client.set_tag(run.info.run_id, "vq2.ended_by", reason)
+            self.client.set_terminated(run.info.run_id, "FAILED", end_time=int(float(beat) * 1000))
+            abandoned.append(run.info.run_id)
+        if abandoned:
+            log.warning("MLflow: ended %d runs left RUNNING by a process that died: %s", len(abandoned),
+                        ", ".join(abandoned))
+        return abandoned
+
+    def finished(self, stage_run: StageRun) -> None:
+        with self._lock:
+            if stage_run in self._open_runs:
+                self._open_runs.remove(stage_run)
+
     def finish_pipeline(self, status: str) -> None:
-        if self.parent_id:
-            self.call("finish pipeline run", "set_terminated", self.parent_id, status)
+        """End the parent run, stop the heartbeat and give queued calls `mlflow.flush_timeout_s` to go out."""
+        if self.parent is not None:
+            self.parent.finish(status)
+        self._heartbeat_stop.set()
+        if not self.flush():
+            log.error("MLflow unreachable at the end of the run: %d tracking calls not delivered (%s); runs left "
+                      "RUNNING are ended as FAILED by the next invocation", len(self._queue),
+                      ", ".join(sorted({record["call"] for record in self.backlog()})))
 
 
 class StageRun:
-    """A stage's nested run; every method is a no-op once tracking is offline."""
+    """One MLflow run (a stage's, or the pipeline's parent run); its id is known once MLflow created it."""
 
-    def __init__(self, tracker: Tracker, run_id: str | None):
+    def __init__(self, tracker: Tracker | None, run_id: str | None, spill_to: Location | None = None):
         self.tracker, self.run_id = tracker, run_id
+        self.spill_to = spill_to  # a Ray Train worker's stage output: where `close` leaves what is undelivered
+        self.system_metrics = None  # a Ray Train rank 0's SystemMetrics (pipeline/system_metrics.py), stopped by close
+
+    def _submit(self, what: str, call: Callable[[str], Any], record: dict) -> None:
+        if self.tracker is None:
+            return
+
+        def run() -> None:
+            if self.run_id is None:
+                raise MlflowException(f"the run of {what} was never created", error_code="RESOURCE_DOES_NOT_EXIST")
+            call(self.run_id)
+
+        self.tracker.submit(what, run, lambda: record | {"run_id": self.run_id})
 
     def log_batch(self, metrics: list[Metric] = (), params: list[Param] = (), tags: list[RunTag] = ()) -> None:
-        if self.run_id:
-            self.tracker.call("log batch", "log_batch", self.run_id, list(metrics), list(params), list(tags))
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        record = {"call": "log_batch", "metrics": [[m.key, m.value, m.timestamp, m.step] for m in metrics],
+                  "params": [[p.key, p.value] for p in params], "tags": [[t.key, t.value] for t in tags]}
+        self._submit("log batch", lambda run_id: self.tracker.client.log_batch(run_id, metrics, params, tags), record)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = get_current_time_millis()
@@ -159,24 +347,50 @@ class StageRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         self.log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
-    def log_dict(self, obj: dict, artifact_file: str) -> None:
-        if self.run_id:
-            self.tracker.call(f"log {artifact_file}", "log_dict", self.run_id, obj, artifact_file)
+    def log_inputs(self, datasets: list[DatasetInput] = (), models: list[LoggedModelInput] = ()) -> None:
+        """The datasets (and logged models) this run read: MLflow's lineage view of the run."""
+        datasets, models = list(datasets), list(models)
+        record = {"call": "log_inputs", "datasets": [[d.dataset.name, d.dataset.digest, d.dataset.source]
+                                                     for d in datasets], "models": [m.model_id for m in models]}
+        self._submit("log inputs", lambda run_id: self.tracker.client.log_inputs(run_id, datasets, models), record)
 
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        if self.run_id:
-            self.tracker.call(f"log {local_path}", "log_artifact", self.run_id, local_path, artifact_path)
+    def queue(self, what: str, call: Callable[[str], Any], record: dict) -> None:
+        """Any other MLflow call about this run (`call(run_id)`), delivered in order through the tracker's queue;
+        a call queued again after a failure must be safe to repeat."""
+        self._submit(what, call, record)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self.log_bytes(json.dumps(obj, indent=1, sort_keys=True).encode(), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.log_bytes(text.encode(), artifact_file)
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
         """Log in-memory bytes (a PNG, say) as the artifact `dir/name`."""
-        if not self.run_id:
-            return
         folder, _, name = artifact_file.rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_bytes(data)
-            self.log_artifact(str(path), folder or None)
+
+        def upload(run_id: str) -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(data)
+                self.tracker.client.log_artifact(run_id, str(path), folder or None)
+
+        self._submit(f"log {artifact_file}", upload, {"call": "log_artifact", "artifact": artifact_file,
+                                                      "bytes": len(data)})
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id:
-            self.tracker.call("finish stage run", "set_terminated", self.run_id, status)
+        """End the run with this status (FINISHED, FAILED or KILLED)."""
+        if self.tracker is None:
+            return
+        self.tracker.finished(self)
+        self._submit("end run", lambda run_id: self.tracker.client.set_terminated(run_id, status),
+                     {"call": "set_terminated", "status": status})
+
+    def close(self) -> None:
+        """A Ray Train worker at its end: wait for queued calls, and leave what is undelivered under `spill_to`."""
+        if self.tracker is None:
+            return
+        if self.system_metrics is not None:
+            self.system_metrics.__exit__(None, None, None)
+        if not self.tracker.flush() and self.spill_to is not None:
+            self.tracker.spill(self.spill_to)

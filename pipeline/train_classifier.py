@@ -18,8 +18,8 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
-from models.classifier import ClassifierConfig, ResNetClassifier, classifier_tiny
-from pipeline import training
+from models.classifier import CLASSIFIER_PRESETS, ClassifierConfig, ResNetClassifier, classifier_tiny
+from pipeline import registry, training
 from pipeline.checkpoints import model_from_state, save_model
 from pipeline.config import PipelineConfig, TrainClassifierConfig
 from pipeline.dataset import Dataset
@@ -40,8 +40,7 @@ VAL_BATCH = 128
 
 
 def classifier_config(section: TrainClassifierConfig, num_classes: int) -> ClassifierConfig:
-    base = classifier_tiny(num_classes) if section.preset == "tiny" else ClassifierConfig(num_classes=num_classes)
-    return dataclasses.replace(base, **section.model)
+    return dataclasses.replace(CLASSIFIER_PRESETS[section.preset](num_classes), **section.model)
 
 
 def _all_reduce_sum(values: list[float], dev: torch.device) -> list[float]:
@@ -106,7 +105,7 @@ def train_loop(config: dict) -> None:
     )
     val_shards = config["val_shards"][rank::world]
     val_limit = None if section.val_samples is None else math.ceil(section.val_samples / world)
-    tracking = training.worker_tracking(cfg, config["run_id"])
+    tracking = training.worker_tracking(config)
     throughput = training.Throughput(world)
     fault = config["fault"]
     batches = iter(loader)
@@ -154,22 +153,23 @@ def train_loop(config: dict) -> None:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "seed": section.seed, "world_size": world}
             training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
+    tracking.close()
 
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_classifier
-    training.check_resources(section, NAME)
     dataset = Dataset.open(ctx.upstream["shard"].location)
     train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = classifier_config(section, len(dataset.classes))
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
-                   "run_id": ctx.tracking.run_id, "fault": fault_spec()}
+                   "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec()}
     result, state = training.fit(train_loop, loop_config, section, ctx.output)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     val = {k: metrics[f"val_{k}"] for k in ("top1", "top5", "loss") if f"val_{k}" in metrics}
     model = model_from_state("classifier", dataclasses.asdict(model_config), state["model"])
     save_model(ctx.output / MODEL_FILE, "classifier", model, step=state["step"], image_size=cfg.dataset.image_size,
                classes=list(dataset.classes), val=val)
+    registry.register(ctx, cfg, "classifier", ctx.output / MODEL_FILE, model_config, image_size=cfg.dataset.image_size)
     ctx.tracking.set_tags({"checkpoint": result.checkpoint.path, "model_uri": (ctx.output / MODEL_FILE).uri})
     return {
         "model": MODEL_FILE,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import pickle
 
 import pyarrow as pa
-import ray.data
 import ray.train
 import ray.train.torch
 import torch
@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from models import prior as priors
 from models.prior import CodePrior, PriorConfig
 from models.sampling import sample_level_fast, sample_uniforms
-from pipeline import training
+from pipeline import registry, training
 from pipeline.checkpoints import load_model, model_from_state, save_model
-from pipeline.codes import CodesLayout, read_codes, table_tensors
+from pipeline.codes import CodesLayout, code_pieces, rank_batches, read_codes, table_tensors
 from pipeline.config import PipelineConfig, TrainPriorConfig
-from pipeline.encode import code_files, ray_dataset
+from pipeline.encode import code_files
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.figures import image_grid, png_bytes
 from pipeline.shard_reader import to_uint8
@@ -79,7 +79,7 @@ def nll_bits(model: CodePrior, level: int, labels: torch.Tensor, codes: list[tor
 
 
 def train_loop(config: dict) -> None:
-    """Per-worker training of one level's prior on its shard of the code table."""
+    """Per-worker training of one level's prior on its share of the code tables."""
     cfg: PipelineConfig = config["cfg"]
     section = cfg.train_prior
     level, name, layout = config["level"], config["name"], config["layout"]
@@ -94,55 +94,51 @@ def train_loop(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model)
     conditional = model.cfg.num_classes > 0
 
-    tracking = training.worker_tracking(cfg, config["run_id"])
+    tracking = training.worker_tracking(config)
     throughput = training.Throughput(world)
     evaluation = _evaluation_sets(config, section.val_samples) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    # Each rank reads its own pieces of the code tables from storage, pass after pass: nothing goes
+    # through Ray's object store and no read task waits for CPUs that the training workers hold. A
+    # resumed run draws new orders (the seed includes the step it resumes from).
+    batches = rank_batches(config["pieces"], layout, section.level_batch(name), section.shuffle_buffer,
+                           (section.seed, level, resumed_from), rank, world)
     running = []
 
     while step < section.steps:
-        steps_before = step
-        # Ray Data splits the rows equally, so every rank sees the same number of batches per pass.
-        for batch in shard.iter_batches(batch_size=section.batch_size, batch_format="pyarrow", drop_last=True,
-                                        local_shuffle_buffer_size=4 * section.batch_size):
-            if step >= section.steps:
-                break
-            maybe_inject_fault(config["fault"], f"{NAME}.{name}", step, rank)
-            model.train()
-            for group in optimizer.param_groups:
-                group["lr"] = training.learning_rate(section, step)
-            labels, codes = table_tensors(batch, layout)  # int16 until here
-            target = codes[level].to(dev).long()
-            condition = [c.to(dev).long() for c in codes[:level]] or None
-            with training.autocast(section, dev):
-                logits = ddp_model(target, labels.to(dev) if conditional else None, condition)
-            loss = F.cross_entropy(logits.float(), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if section.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip)
-            optimizer.step()
-            throughput.add(len(target))
-            running.append(loss.item())
-            step += 1
+        labels, codes = next(batches)  # int16 until here
+        maybe_inject_fault(config["fault"], f"{NAME}.{name}", step, rank)
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = training.learning_rate(section, step)
+        target = codes[level].to(dev).long()
+        condition = [c.to(dev).long() for c in codes[:level]] or None
+        with training.autocast(section, dev):
+            logits = ddp_model(target, labels.to(dev) if conditional else None, condition)
+        loss = F.cross_entropy(logits.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if section.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), section.grad_clip)
+        optimizer.step()
+        throughput.add(len(target))
+        running.append(loss.item())
+        step += 1
 
-            if step % section.log_every == 0 or step == section.steps:
-                metrics = {f"{name}_train_loss_bits": sum(running) / len(running) / LN2,
-                           f"{name}_images_per_s": throughput.rate(), f"{name}_lr": optimizer.param_groups[0]["lr"]}
-                running = []
-                tracking.log_metrics(metrics, step)
-                if rank == 0:
-                    log.info("train_prior %s step %d/%d loss %.3f bits/dim %.0f images/s", name, step, section.steps,
-                             metrics[f"{name}_train_loss_bits"], metrics[f"{name}_images_per_s"])
-            validate = step % section.validate_every == 0 or step == section.steps
-            val_metrics = _validate(model, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
-            if step % section.checkpoint_every == 0 or step == section.steps:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "seed": section.seed, "world_size": world}
-                training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
-        if step == steps_before:  # a pass without a whole batch would loop forever
-            raise RuntimeError(f"train_prior {name}: this worker's share of the rows holds no batch of "
-                               f"{section.batch_size}")
+        if step % section.log_every == 0 or step == section.steps:
+            metrics = {f"{name}_train_loss_bits": sum(running) / len(running) / LN2,
+                       f"{name}_images_per_s": throughput.rate(), f"{name}_lr": optimizer.param_groups[0]["lr"]}
+            running = []
+            tracking.log_metrics(metrics, step)
+            if rank == 0:
+                log.info("train_prior %s step %d/%d loss %.3f bits/dim %.0f images/s", name, step, section.steps,
+                         metrics[f"{name}_train_loss_bits"], metrics[f"{name}_images_per_s"])
+        validate = step % section.validate_every == 0 or step == section.steps
+        val_metrics = _validate(model, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
+        if step % section.checkpoint_every == 0 or step == section.steps:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "seed": section.seed, "world_size": world}
+            training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
+    tracking.close()
 
 
 def _head(files: list[Location], rows: int) -> pa.Table:
@@ -157,11 +153,13 @@ def _head(files: list[Location], rows: int) -> pa.Table:
 
 
 def _evaluation_sets(config: dict, rows: int) -> dict:
-    """Fixed train and validation subsets (the paper reports NLL on both), and the VQ-VAE for pictures."""
+    """Fixed train and validation subsets (the paper reports NLL on both), and the VQ-VAE when there are
+    pictures to draw."""
     layout = config["layout"]
     sets = {split: table_tensors(_head(config["files"][split], rows), layout) for split in ("train", "val")}
-    vqvae, _ = load_model(config["vqvae_model"], "vqvae")
-    return sets | {"vqvae": vqvae}
+    if config["cfg"].train_prior.sample_grid:
+        sets["vqvae"] = load_model(config["vqvae_model"], "vqvae")[0]
+    return sets
 
 
 @torch.no_grad()
@@ -187,15 +185,42 @@ def _validate(model: CodePrior, config: dict, evaluation: dict, tracking, step: 
     return metrics
 
 
+def kept_level(model_file: Location, name: str, prior_config: PriorConfig, steps: int) -> dict | None:
+    """The record of a level that a crashed run finished, if its model file is this level's, was made with
+    this PriorConfig and took train_prior.steps steps; else None, with a log line saying why it is trained again."""
+    if not model_file.exists():
+        return None
+    try:
+        model, extra = load_model(model_file, "prior")
+    except (RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as error:
+        problem = f"it cannot be read as a prior model ({type(error).__name__}: {error})"
+    else:
+        found = dataclasses.asdict(model.cfg)
+        wanted = dataclasses.asdict(prior_config)
+        differing = sorted(key for key in wanted if found.get(key) != wanted[key])
+        if extra.get("level") != name:
+            problem = f"it holds the {extra.get('level')!r} level"
+        elif differing:
+            problem = "its PriorConfig differs in " + ", ".join(f"{k} ({found.get(k)!r}, expected {wanted[k]!r})"
+                                                             for k in differing)
+        elif extra.get("step") != steps:
+            problem = f"it claims {extra.get('step')} steps, train_prior.steps is {steps}"
+        else:
+            return {"model": f"{name}/{MODEL_FILE}", "steps": extra["step"], "metrics": extra["metrics"],
+                    "prior_config": wanted}
+    log.warning("train_prior: not keeping %s: %s; training the %s level again", model_file, problem, name)
+    return None
+
+
 def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: PriorConfig, files, layout,
-                 dataset: ray.data.Dataset) -> dict:
+                 pieces) -> dict:
     section = cfg.train_prior
     loop_config = {
         "cfg": cfg, "level": level, "name": name, "prior_config": prior_config, "layout": layout, "files": files,
-        "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
-        "run_id": ctx.tracking.run_id, "fault": fault_spec(),
+        "pieces": pieces, "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
+        "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(),
     }
-    result, state = training.fit(train_loop, loop_config, section, ctx.output / name, {"train": dataset})
+    result, state = training.fit(train_loop, loop_config, section, ctx.output / name)
     model = model_from_state("prior", dataclasses.asdict(prior_config), state["model"])
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     save_model(ctx.output / name / MODEL_FILE, "prior", model, level=name, step=state["step"], metrics=metrics)
@@ -205,33 +230,34 @@ def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: 
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_prior
-    training.check_resources(section, NAME)
     files, layout = {}, None
     for split in ("train", "val"):
         files[split], layout = code_files(ctx.upstream["encode"], split)
         if not files[split]:
             raise ValueError(f"encode output {ctx.upstream['encode'].location} has no {split!r} code tables")
-    rows = sum(entry["rows"] for entry in ctx.upstream["encode"].manifest["files"]["train"])
-    if rows < section.num_workers * section.batch_size:
-        raise ValueError(f"train_prior: {rows} training rows cannot give each of train_prior.num_workers="
-                         f"{section.num_workers} workers a batch of train_prior.batch_size={section.batch_size}")
+    rows = [entry["rows"] for entry in ctx.upstream["encode"].manifest["files"]["train"]]
     num_classes = len(ctx.upstream["shard"].manifest["classes"])
     configs = prior_configs(section, layout, num_classes)
+    unknown = sorted(set(section.level_batch_size) - set(configs))
+    if unknown:
+        raise ValueError(f"train_prior.level_batch_size names {', '.join(unknown)}; the levels are {', '.join(configs)}")
+    batch_size = max(section.level_batch(name) for name in configs)
+    if sum(rows) < section.num_workers * batch_size:
+        raise ValueError(f"train_prior: {sum(rows)} training rows cannot give each of train_prior.num_workers="
+                         f"{section.num_workers} workers a batch of {batch_size} (train_prior.batch_size, "
+                         "level_batch_size)")
 
-    levels, dataset = {}, None
+    pieces = code_pieces(files["train"], rows, section.num_workers)
+    levels = {}
     for level, (name, prior_config) in enumerate(configs.items()):
         model_file = ctx.output / name / MODEL_FILE
-        if model_file.exists():  # finished before a crash: keep it
-            _, extra = load_model(model_file, "prior")
-            levels[name] = {"model": f"{name}/{MODEL_FILE}", "steps": extra["step"], "metrics": extra["metrics"],
-                            "prior_config": dataclasses.asdict(prior_config)}
+        kept = kept_level(model_file, name, prior_config, section.steps)
+        if kept is not None:  # finished before a crash
+            levels[name] = kept
             continue
-        if dataset is None:
-            # Read once for every level, before the trainer takes the CPUs: the code tables are small
-            # (int16, ~30x smaller than the JPEGs), every epoch then streams from the object store, and
-            # read tasks never wait on CPUs that the training workers hold.
-            dataset = ray_dataset(ctx.upstream["encode"], "train")[0].materialize()
-        levels[name] = _train_level(cfg, ctx, level, name, prior_config, files, layout, dataset)
+        levels[name] = _train_level(cfg, ctx, level, name, prior_config, files, layout, pieces)
+    for name, prior_config in configs.items():  # a level kept from a crashed run is registered with the others
+        registry.register(ctx, cfg, "prior", ctx.output / name / MODEL_FILE, prior_config, level=name)
     summary = {f"{name}_{split}_nll_bits": info["metrics"].get(f"{name}_{split}_nll_bits")
                for name, info in levels.items() for split in ("train", "val")}
     ctx.tracking.log_metrics({k: v for k, v in summary.items() if v is not None})

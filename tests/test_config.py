@@ -1,8 +1,10 @@
 """Config loading, validation errors, overrides and fingerprints."""
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, fingerprint, flatten, load_config, parse_config
 
@@ -126,3 +128,34 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "override 'dataset.shard_size=many': dataset.shard_size: expected: a valid integer" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    "key, uri, expected",
+    [
+        ("dataset.source", "s3:/bucket/corpus", r"a local path or a URI like s3://bucket/prefix \('://' is missing\)"),
+        ("storage.root", "s3://", "a URI with a bucket, s3://bucket/prefix"),
+        ("dataset.source", "s3:///corpus", "a URI with a bucket, s3://bucket/prefix"),
+        ("dataset.listing", "s4://bucket/listing.txt", "a URI of a known scheme .*; 's4' is not one"),
+        ("storage.root", "file://", "a URI with a path after '://'"),
+    ],
+)
+def test_malformed_storage_uris_name_file_key_and_expectation(tmp_path, key, uri, expected):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [f"{key}={uri}"])
+    assert f"override '{key}={uri}': {key}: expected: " in str(error.value)
+    assert re.search(expected, str(error.value)) and f"(got '{uri}')" in str(error.value)
+    section, name = key.split(".")
+    tree = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}}
+    tree[section][name] = uri
+    with pytest.raises(ConfigError, match=rf"pipeline.yaml: {key}: expected: .*\(got '{uri}'\)"):
+        load_config(write(tmp_path, yaml.safe_dump(tree)))
+
+
+def test_well_formed_storage_uris_pass():
+    cfg = parse_config({"storage": {"root": "s3://bucket/runs", "retry": {"attempts": 3}},
+                        "dataset": {"source": "memory://corpus", "listing": "file:///srv/listing.txt"}}, "inline")
+    assert (cfg.storage.root, cfg.dataset.source, cfg.dataset.listing) == (
+        "s3://bucket/runs", "memory://corpus", "file:///srv/listing.txt")
+    assert cfg.storage.retry.attempts == 3 and cfg.storage.retry.backoff_s == 0.2

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import section_config
 from pipeline.config import ConfigError, EvaluateConfig
-from pipeline.evaluate import PLOT, SUMMARY, external_inputs, frechet, inception_weights, keep_mask
+from pipeline.evaluate import PLOT, SUMMARY, external_inputs, frechet, headline_lines, inception_weights, keep_mask
 from pipeline.metrics import fid
 
 NETS = ("inception_v3", "efficientnet_lite0", "classifier")
@@ -44,6 +44,14 @@ def test_missing_inception_weights_is_a_clear_error(tmp_path):
     weights.write_bytes(b"weights")
     fingerprints, _ = external_inputs(_config(tmp_path, inception_weights=str(weights)))
     assert set(fingerprints) == {"inception_weights"}
+    # A configured digest is checked before any work, against the configured file or the packaged one.
+    wrong = "0" * 64
+    with pytest.raises(ValueError, match=f"evaluate.inception_sha256: .*fid.pt has sha256 .*, expected {wrong}"):
+        external_inputs(_config(tmp_path, inception_weights=str(weights), inception_sha256=wrong))
+    with pytest.raises(ValueError, match="default_1.pt has sha256"):
+        external_inputs(_config(tmp_path, inception_sha256=wrong))
+    with pytest.raises(ConfigError, match="evaluate.inception_sha256"):
+        _config(tmp_path, inception_sha256="not-a-digest")
 
 
 @pytest.mark.parametrize("n1, n2, dims", [(8, 12, 64), (30, 5, 40), (50, 60, 16)])
@@ -64,9 +72,82 @@ def test_keep_mask_per_class_and_threshold():
     assert keep_mask(scores, labels, "threshold", 0.5).tolist() == [True, False, True, True, False, False]
 
 
+def test_the_sweep_compares_equal_counts_of_each_class():
+    """FID grows as the count falls: every keep fraction is subsampled to the same count of each class,
+    the fewest any fraction keeps, so the sweep measures the rejection and not the count."""
+    from pipeline.evaluate import equal_count_selections
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    scores = rng.uniform(size=60)
+    values = [1.0, 0.75, 0.5, 0.25]
+    selections = equal_count_selections(scores, labels, "keep_fraction", values, seed=1)
+    assert [len(rows) for rows in selections] == [15, 15, 15, 15]  # ceil(0.25 * 20) = 5 of each class
+    for rows, value in zip(selections, values):
+        assert np.bincount(labels[rows]).tolist() == [5, 5, 5]
+        assert keep_mask(scores, labels, "keep_fraction", value)[rows].all()  # only rows that value keeps
+    assert selections[3].tolist() == np.flatnonzero(keep_mask(scores, labels, "keep_fraction", 0.25)).tolist()
+    # Thresholds keep different counts of each class: each point gets the fewest of each class.
+    by_threshold = equal_count_selections(scores, labels, "threshold", [0.0, 0.5], seed=1)
+    fewest = [int(((scores >= 0.5) & (labels == c)).sum()) for c in range(3)]
+    assert [np.bincount(labels[rows], minlength=3).tolist() for rows in by_threshold] == [fewest, fewest]
+
+
+def _features(rng, n, dim, shift=0.0, classes=4):
+    from pipeline.evaluate import Features
+
+    labels = np.arange(n) % classes
+    logits = np.eye(classes)[labels] * 5 + rng.normal(size=(n, classes))
+    return Features(np.array([f"k{i:05d}" for i in range(n)], dtype=object), labels,
+                    rng.normal(loc=shift, size=(n, dim)), logits)
+
+
+def test_each_metric_carries_its_counts_dimension_validity_and_floor():
+    from pipeline.evaluate import Floors, sample_metrics, validity_notes
+
+    rng = np.random.default_rng(1)
+    dim, section = 16, EvaluateConfig(k=3, is_splits=1, seed=0)
+    sets = {"real": {"classifier": _features(rng, 200, dim)}, "recon": {"classifier": _features(rng, 200, dim, 0.2)},
+            "train": {"classifier": _features(rng, 300, dim)}}
+    floors = Floors(sets, section)
+    good = sample_metrics(_features(rng, 100, dim), "classifier", sets, floors, section)
+    bad = sample_metrics(_features(rng, 100, dim, shift=1.0), "classifier", sets, floors, section)
+    few = sample_metrics(_features(rng, 10, dim), "classifier", sets, floors, section)
+    for name in ("fid_classifier", "fid_star_classifier", "precision_classifier", "recall_classifier"):
+        assert (good[f"{name}_n"], good[f"{name}_ref_n"], good[f"{name}_dim"]) == (100, 200, dim)
+        assert good[f"{name}_reliable"] == 1.0 and few[f"{name}_reliable"] == 0.0
+    # The floor: real training images against the real ones, at the samples' count (and cached per count).
+    assert good["fid_classifier_floor"] == bad["fid_classifier_floor"] == floors.fid("classifier", 100)
+    assert good["fid_classifier_floor"] == pytest.approx(
+        frechet(sets["train"]["classifier"].subsample(100, 5).features, sets["real"]["classifier"].features))
+    assert good["fid_classifier"] < 2 * good["fid_classifier_floor"] < bad["fid_classifier"]
+    assert few["fid_classifier_floor"] > good["fid_classifier_floor"]  # the floor rises as the count falls
+    assert good["sample_accuracy"] > 0.9 and good["is_classifier_n"] == 100
+
+    metrics = {k: v for k, v in (few | {"real_images": 200}).items() if v is not None}
+    notes = validity_notes(metrics, ["inception_v3", "classifier"], inception_has_logits=False)
+    assert any("UNRELIABLE" in n and "fid_classifier (10 vs 200 images, 16-d)" in n for n in notes)
+    assert any("Inception Score is not on the Inception network" in n and "is_* are on classifier" in n for n in notes)
+    assert validity_notes({k: v for k, v in good.items() if v is not None}, ["classifier"], False) == []
+
+
+def test_the_cas_resnet50_preset_is_resnet50(tmp_path):
+    import torch
+
+    from models.classifier import CLASSIFIER_PRESETS, ResNetClassifier
+
+    model = ResNetClassifier(CLASSIFIER_PRESETS["resnet50"](1000)).eval()
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's resnet50()
+    assert model.feature_dim == 2048
+    with torch.no_grad():
+        assert model.blocks(model.stem(torch.zeros(1, 3, 224, 224))).shape == (1, 2048, 7, 7)  # stride 32
+    assert _config(tmp_path, cas_preset="resnet50").evaluate.cas_preset == "resnet50"
+
+
 SWEEP = [1.0, 0.5, 0.25]
 TINY_EVALUATE = {"max_real_images": None, "batch_size": 16, "sweep": SWEEP, "is_splits": 2,
-                 "cas_steps": 15, "cas_batch_size": 16, "num_actors": 2}
+                 "cas_steps": 15, "cas_batch_size": 16, "num_actors": 2,
+                 "max_images_per_net": {"efficientnet_lite0": 8}}
 
 
 @pytest.mark.slow
@@ -86,29 +167,45 @@ def test_evaluate_end_to_end(tiny_pipeline, tmp_path):
     metrics = manifest["metrics"]
     expected = {"real_images", "samples", "accepted_samples", "recon_mse", "vqvae_val_mse",
                 "top_train_nll_bits", "top_val_nll_bits", "bottom_train_nll_bits", "bottom_val_nll_bits",
-                "classifier_val_top1", "classifier_val_top5", "cas_top1", "cas_top5", "cas_real_top1", "cas_real_top5"}
+                "classifier_val_top1", "classifier_val_top5", "cas_top1", "cas_top5", "cas_real_top1", "cas_real_top5",
+                "sample_accuracy", "sample_accuracy_accepted"}
     for net in NETS:
-        expected |= {f"fid_{net}", f"fid_star_{net}", f"fid_recon_{net}", f"precision_{net}", f"recall_{net}"}
+        for name in ("fid", "fid_star", "fid_recon", "precision", "recall"):
+            expected |= {f"{name}_{net}"} | {f"{name}_{net}_{part}" for part in ("n", "ref_n", "dim", "reliable", "floor")}
     expected |= {"is_efficientnet_lite0", "is_classifier", "is_real_efficientnet_lite0", "is_real_classifier"}
     assert expected <= set(metrics), expected - set(metrics)
     assert manifest["not_computed"] == []
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["real_images"] == 32 and metrics["samples"] == 24 and metrics["accepted_samples"] == 16
     assert 0 <= metrics["precision_inception_v3"] <= 1 and 0 <= metrics["cas_top1"] <= metrics["cas_top5"] <= 1
+    # Each metric with the counts it compared: the accepted samples against the real images; the capped net on
+    # its 8 of each; all of them too few for their feature dimensions here, and the summary says so.
+    assert (metrics["fid_inception_v3_n"], metrics["fid_inception_v3_ref_n"], metrics["fid_inception_v3_dim"]) == (16, 32, 2048)
+    assert (metrics["fid_efficientnet_lite0_n"], metrics["fid_efficientnet_lite0_ref_n"]) == (8, 8)
+    assert (metrics["fid_recon_classifier_n"], metrics["fid_recon_classifier_ref_n"]) == (32, 32)
+    assert metrics["fid_inception_v3_reliable"] == 0.0 and metrics["fid_inception_v3_floor"] > 0
+    assert any(note.startswith("UNRELIABLE") and "fid_inception_v3 (16 vs 32 images, 2048-d)" in note
+               for note in manifest["notes"])
+    assert any("Inception Score is not on the Inception network" in note for note in manifest["notes"])
 
     sweep = manifest["sweep"]
-    assert [p["keep_fraction"] for p in sweep] == SWEEP and [p["samples"] for p in sweep] == [24, 16, 8]
+    # Every point compares as many samples of each class (8 classes, ceil(0.25 * 3) = 1 of each).
+    assert [p["keep_fraction"] for p in sweep] == SWEEP and [p["samples"] for p in sweep] == [8, 8, 8]
+    assert [p["kept"] for p in sweep] == [24, 16, 8]
     for point in sweep:
         assert all(point[k] is not None and math.isfinite(point[k]) for k in point)
+        assert point["fid_inception_v3_n"] == 8 and point["fid_inception_v3_floor"] == sweep[0]["fid_inception_v3_floor"]
+        assert "fid_efficientnet_lite0" not in point  # a capped net gives the headline numbers only
     # Keeping fewer samples changes the numbers.
     assert sweep[0]["fid_inception_v3"] != sweep[2]["fid_inception_v3"]
     assert sweep[0]["is_classifier"] != sweep[2]["is_classifier"]
-    # The sweep point with the sample stage's own keep fraction (0.5) is the headline set.
-    assert sweep[1]["fid_inception_v3"] == pytest.approx(metrics["fid_inception_v3"])
 
     assert (result.location / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (result.location / SUMMARY).read_json()
     assert summary["metrics"] == metrics and len(summary["sweep"]) == len(SWEEP)
+    assert summary["notes"] == manifest["notes"] and summary["sweep_nets"] == ["inception_v3", "classifier"]
+    lines = "\n".join(headline_lines(summary))
+    assert "fid_classifier" in lines and "floor" in lines and "UNRELIABLE" in lines and "CAS top-1" in lines
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
     run = client.get_run(manifest["run_id"])
@@ -126,7 +223,7 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     import torch
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import _load, plan_real
+    from pipeline.evaluate import _batches, plan_real
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
@@ -140,9 +237,49 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     assert len(keys) == sum(label_of[key.split("/")[0]] < 3 for task in every for key in task["keys"])
     assert all(len(task["keys"]) <= 5 for task in known)
 
-    images, labels = _load([{"uri": task["shard"], "keys": task["keys"]} for task in every], None, None, 3)
-    assert len(images) == len(labels) == len(keys) and int(labels.max()) == 2
-    assert images.dtype == torch.uint8
+    batches = list(_batches([{"uri": task["uri"], "keys": task["keys"]} for task in every], None, None, 3, 4))
+    assert all(len(images) == len(labels) <= 4 for images, labels in batches)
+    labels = torch.cat([labels for _, labels in batches])
+    assert len(labels) == len(keys) and int(labels.max()) == 2
+    assert all(images.dtype == torch.uint8 for images, _ in batches)
+
+
+def test_a_capped_net_and_the_floor_images(tiny_pipeline):
+    """A slow net sees the first images of each set's seeded order up to its cap (of the samples, accepted ones
+    only); the floors' real images come from the training split, of the sampled classes."""
+    from collections import Counter
+
+    from pipeline.dataset import Dataset
+    from pipeline.evaluate import plan_real, plan_samples, plan_train
+    from pipeline.runner import run_pipeline
+
+    results = run_pipeline(tiny_pipeline.config(), only="encode")
+    dataset = Dataset.open(results["shard"].location)
+    section = EvaluateConfig(max_real_images=20, batch_size=5, max_images_per_net={"inception_v3": 6})
+
+    def seen(tasks):
+        return Counter(net for task in tasks for net in task["nets"] for _ in task["keys"])
+
+    real = plan_real(dataset, results["encode"], section, None, None, num_classes=3)
+    available = plan_real(dataset, results["encode"], EvaluateConfig(max_real_images=None), None, None, num_classes=3)
+    count = min(20, sum(len(task["keys"]) for task in available))
+    assert count > 6
+    assert seen(real) == {"inception_v3": 6, "efficientnet_lite0": count, "classifier": count}
+    train = plan_train(dataset, section, 30, num_classes=3)
+    train_keys = [key for task in train for key in task["keys"]]
+    label_of = {name: index for index, name in enumerate(dataset.classes)}
+    assert len(set(train_keys)) == 30 and {label_of[key.split("/")[0]] for key in train_keys} <= {0, 1, 2}
+    assert not set(train_keys) & {key for task in real for key in task["keys"]}
+    assert all("/train/" in task["uri"] for task in train) and seen(train)["inception_v3"] == 6
+    assert all(len(task["keys"]) <= 5 for task in real + train)
+
+    keys = [f"c/sample-{i:03d}" for i in range(40)]
+    accepted = np.arange(40) % 4 == 0
+    samples = plan_samples(keys, [f"tar{i // 16}" for i in range(40)], accepted, section)
+    assert seen(samples) == {"inception_v3": 6, "efficientnet_lite0": 40, "classifier": 40}
+    on_inception = {key for task in samples if "inception_v3" in task["nets"] for key in task["keys"]}
+    assert on_inception <= {key for key, keep in zip(keys, accepted) if keep}
+    assert all(len({key_tar for key_tar in [task["uri"]]}) == 1 for task in samples)
 
 
 def test_only_the_sampled_classes_are_compared(caplog):
@@ -157,3 +294,62 @@ def test_only_the_sampled_classes_are_compared(caplog):
     assert "real images of the new classes ['new'] are left out" in caplog.text
     with pytest.raises(RuntimeError, match="the sampled classes are not the first 2 classes of dataset"):
         sampled_classes(grown, ["b", "a"])
+
+
+# CAS in a process of its own, on real tars: once on a few images, then on many more. The second run's
+# peak resident memory may grow by far less than its images take decoded (the classifier and its
+# activations are the same in both runs, so the growth is what holding the images costs).
+CAS_MEMORY_SCRIPT = r"""
+import io, json, resource, sys
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from pipeline.evaluate import cas_task
+
+folder = Path(sys.argv[1])
+size = 128
+
+
+def tar(name, count):
+    path = folder / f"{name}.tar"
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(count):
+            pixels = np.stack([np.add.outer(ramp, ramp * (i % 7)), np.full((size, size), i % 256)] * 2)[:3]
+            jpeg = io.BytesIO()
+            Image.fromarray(pixels.transpose(1, 2, 0).astype(np.uint8)).save(jpeg, "JPEG", quality=90)
+            writer.write({"__key__": f"c{i % 2}/{name}-{i:05d}", "jpg": jpeg.getvalue(), "cls": str(i % 2).encode()})
+    return path.as_posix()
+
+
+def peak_after(count):
+    images = tar(f"images{count}", count)
+    keys = [f"c{i % 2}/images{count}-{i:05d}" for i in range(count)]
+    scores = cas_task([{"uri": images}], [{"uri": images, "keys": keys}], 2,
+                      {"num_classes": 2, "width": 8, "stages": 2, "blocks_per_stage": 1},
+                      {"steps": 2, "batch_size": 32, "lr": 1e-3, "seed": 0}, None, None, False, 1)
+    assert scores["train_images"] == scores["test_images"] == count, scores
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+small = peak_after(40)
+large = peak_after(600)
+print("RESULT " + json.dumps({"growth": large - small, "decoded": 2 * 600 * 3 * size * size}))
+"""
+
+
+def test_cas_holds_a_batch_of_images_not_the_whole_task(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", CAS_MEMORY_SCRIPT, str(tmp_path)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["decoded"] > 55e6  # train and test images of the second run, decoded
+    assert result["growth"] < result["decoded"] / 2, result  # measured: 1 to 18 MB; holding them all: 560 MB

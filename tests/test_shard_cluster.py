@@ -7,6 +7,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from conftest import start_local_ray
 from pipeline import demo_data
 from pipeline.config import parse_config
 from pipeline.dataset import verify
@@ -15,8 +16,9 @@ from pipeline.storage import Location
 
 
 @pytest.fixture
-def two_node_cluster():
-    """A head without CPUs (only the driver) and two 1-CPU worker nodes; the local Ray is put aside."""
+def two_node_cluster(s3_server):
+    """A head without CPUs (only the driver) and two 1-CPU worker nodes; the session's local Ray is put aside
+    and started again afterwards."""
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -27,6 +29,7 @@ def two_node_cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        start_local_ray(s3_server)
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """Image decoding for the shard stage: conversions to RGB and the reasons bad inputs are rejected."""
 
-import gzip
 import io
 
 import numpy as np
@@ -79,32 +78,19 @@ def test_keep_original_bytes_of_rgb_jpegs_only():
     assert (converted.format, converted.mode, converted.size) == ("JPEG", "RGB", (120, 90))
 
 
-def _idx(path, header: bytes, values: np.ndarray) -> None:
-    with gzip.open(path, "wb") as stream:
-        stream.write(header + values.astype(np.uint8).tobytes())
-
-
-def test_fashion_mnist_to_imagenet_layout(tmp_path, monkeypatch):
-    # The four idx files in their standard format (as the Debian package ships them), 20 images each.
-    labels = np.arange(20) % 10
-    for prefix in ("train", "t10k"):
-        _idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", b"\0" * 16, np.full((20, 28, 28), 200))
-        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", b"\0" * 8, labels)
-    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
-    out = Location(str(tmp_path / "corpus"))
-    assert demo_data.fashion_mnist(out, per_class=2, val_per_class=1) == 30
-    files = out.list_files()
-    assert len(files) == 30 and "train/t-shirt/train-00000.png" in files and "val/ankle-boot/t10k-00009.png" in files
-    image = decoded((out / "train/bag/train-00008.png").read_bytes())
-    assert (image.mode, image.size) == ("RGB", (32, 32))
-    assert image.getpixel((0, 0)) == (0, 0, 0) and image.getpixel((16, 16)) == (200, 200, 200)
-
-
-def test_missing_fashion_mnist_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
-    monkeypatch.setattr(demo_data, "FASHION_MNIST_DIRS", (str(tmp_path / "none"),))
-    with pytest.raises(demo_data.MissingDataError, match="apt-get install dataset-fashion-mnist"):
-        demo_data.fashion_mnist_dir()
+def test_kept_images_of_another_size_are_rejected_with_a_reason():
+    """With reencode false nothing is resized, so an image must already have image_size: never passed on."""
+    keep_32 = ImageSettings(32, False, 90, 89_478_485, 1 << 20)
+    for size, mode, image_format in (((32, 32), "RGB", "JPEG"), ((32, 32), "RGBA", "PNG")):
+        right = io.BytesIO()
+        Image.new(mode, size, (10, 200, 30)).save(right, image_format)
+        kept = decoded(process_image(right.getvalue(), keep_32))
+        assert (kept.format, kept.size) == ("JPEG", (32, 32))
+    for size, mode, image_format in (((50, 40), "RGB", "JPEG"), ((32, 33), "RGB", "JPEG"), ((64, 64), "RGBA", "PNG")):
+        wrong = io.BytesIO()
+        Image.new(mode, size, (10, 200, 30)).save(wrong, image_format)
+        with pytest.raises(RejectedImage, match=rf"{size[0]}x{size[1]} pixels, not 32x32 \(dataset.reencode is false"):
+            process_image(wrong.getvalue(), keep_32)
 
 
 def test_synthetic_corpus_is_deterministic(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 from s3fs import S3FileSystem
 
 from pipeline.config import StorageConfig
+from pipeline.faults import RetryPolicy, StorageUnavailable
 from pipeline.storage import Location, UnsafeKeyError, stage_location, validate_key
 
 
@@ -38,17 +39,27 @@ def test_overwrite_leaves_only_the_final_file(root):
 
 
 def test_failed_local_write_keeps_the_old_file(tmp_path, monkeypatch):
-    target = Location(str(tmp_path)) / "manifest.json"
+    target = Location(str(tmp_path), retry=RetryPolicy(attempts=2, backoff_s=0)) / "manifest.json"
     target.write_bytes(b"old")
 
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(StorageUnavailable, match=f"write {target.uri}: failed 2 time.*No space"):
         target.write_bytes(b"new and half-written")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_the_retry_policy_travels_with_the_location(tmp_path):
+    cfg = StorageConfig(root=str(tmp_path), retry={"attempts": 3, "backoff_s": 0.5, "max_backoff_s": 4})
+    root = Location.from_config(cfg)
+    policy = RetryPolicy(attempts=3, backoff_s=0.5, max_backoff_s=4)
+    assert root.exists()  # its filesystem object is made (and cached): a pickle leaves it out
+    derived = [root / "a/b", (root / "a").parent, root.at("s3://bucket/x"), pickle.loads(pickle.dumps(root))]
+    assert all(location.retry == policy for location in [root, *derived])
+    assert all(0.25 <= policy.wait_s(1) <= 0.5 and 2 <= policy.wait_s(4) <= 4 for _ in range(20))
 
 
 def test_list_files_is_sorted_and_relative(root):
@@ -127,7 +138,8 @@ def test_s3_wrong_credentials_fail(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     S3FileSystem.clear_instance_cache()
     try:
-        with pytest.raises(PermissionError):
-            (Location(s3_env.uri("denied")) / "f").write_bytes(b"no")
+        # Retried like any error that does not say the file is missing (an expired token looks the same).
+        with pytest.raises(StorageUnavailable, match="failed 2 time.*PermissionError.*signature"):
+            (Location(s3_env.uri("denied"), retry=RetryPolicy(attempts=2, backoff_s=0)) / "f").write_bytes(b"no")
     finally:
         S3FileSystem.clear_instance_cache()

@@ -1,26 +1,35 @@
-"""MLflow tracking against the default local store and a real MLflow server, and with the server gone."""
+"""MLflow tracking against the default local store and a real MLflow server: outages, restarts, stops, dead runs."""
 
 import json
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import parse_config
-from pipeline.tracking import Tracker
+from conftest import BIN, start_mlflow_server, stop
+from pipeline import demo_data
+from pipeline.config import parse_config, to_yaml
+from pipeline.lease import read_lease
+from pipeline.runner import run_pipeline
+from pipeline.storage import MANIFEST, Location
+from pipeline.tracking import HEARTBEAT_PERIOD_TAG, HEARTBEAT_TAG, Tracker
 
 
-def make_config(root, tracking_uri=None, name="track"):
-    mlflow = {"tracking_uri": tracking_uri, "experiment": f"exp-{name}", "request_retries": 0}
+def make_config(root, tracking_uri=None, name="track", **mlflow_settings):
+    mlflow = {"tracking_uri": tracking_uri, "experiment": f"exp-{name}", "request_retries": 0,
+              "retry_initial_s": 0.2, "retry_max_s": 1.0, "flush_timeout_s": 3} | mlflow_settings
     tree = {"storage": {"root": str(root)}, "dataset": {"source": "/nowhere"}, "mlflow": mlflow}
     return parse_config(tree, f"{name}.yaml")
 
 
 def track_one_stage(cfg) -> tuple[Tracker, str, str]:
     tracker = Tracker(cfg)
-    parent = tracker.start_pipeline("run", "storage: {root: x}\n")
+    parent = tracker.start_pipeline("run", "storage: {root: x}\n").run_id
     stage = tracker.start_stage("shard", "0123456789abcdef", {"listing": "fedcba"}, {"dataset.shard_size": "5"})
     stage.log_metrics({"images_per_s": 12.5, "accepted": 7})
     stage.log_dict({"counts": {"accepted": 7}}, "manifest.json")
@@ -53,7 +62,7 @@ def test_local_store_lives_under_the_storage_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "root"
     tracker, parent_id, stage_id = track_one_stage(make_config(root, name="local"))
-    assert tracker.failures == []
+    assert tracker.outages == tracker.refused == []
     assert tracker.uri == f"sqlite:///{root}/mlflow/mlflow.db"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # no ./mlruns or ./mlflow.db
     client = MlflowClient(tracker.uri)
@@ -74,7 +83,7 @@ def test_remote_root_needs_a_tracking_uri(monkeypatch):
 
 def test_real_server_runs_params_metrics_artifacts(mlflow_server, s3_server, tmp_path):
     tracker, parent_id, stage_id = track_one_stage(make_config(tmp_path / "root", mlflow_server, name="server"))
-    assert tracker.failures == []
+    assert tracker.outages == tracker.refused == []
     check_runs(MlflowClient(mlflow_server), "exp-server", parent_id, stage_id, tmp_path)
     # The server put the artifacts on the S3 server, not on this machine's disk.
     listed = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-artifacts/")
@@ -82,14 +91,18 @@ def test_real_server_runs_params_metrics_artifacts(mlflow_server, s3_server, tmp
 
 
 class Relay:
-    """A TCP relay to a real server; closing it makes the server unreachable, as a network cut would."""
+    """A TCP relay to a real server. `cut()` makes the server unreachable, as a network cut would (open
+    connections are closed, new ones are closed on arrival), `restore()` reconnects it. `on_request(path)`
+    is called with the path of each request that passes."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, on_request=None):
         host, port = target.removeprefix("http://").split(":")
         self.target = (host, int(port))
+        self.on_request = on_request
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.connections: list[socket.socket] = []
+        self.up = True
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -98,41 +111,172 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:  # closed
                 return
-            server = socket.create_connection(self.target)
+            try:
+                if not self.up:
+                    raise ConnectionRefusedError
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
             self.connections += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
         try:
             while data := source.recv(65536):
+                if requests and self.on_request and data[:8].split(b" ")[0] in (b"GET", b"POST", b"PUT"):
+                    self.on_request(data.split(b" ", 2)[1].decode())
                 sink.sendall(data)
         except OSError:
             pass
         finally:
             sink.close()
 
-    def close(self) -> None:
-        self.listener.close()
+    def cut(self) -> None:
+        self.up = False
         for connection in self.connections:
             connection.close()
+        self.connections = []
+
+    def restore(self) -> None:
+        self.up = True
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
 
 
-def test_server_down_mid_run_is_reported_not_fatal(mlflow_server, tmp_path):
+def statuses(client: MlflowClient, experiment: str) -> dict[str, str]:
+    """runName -> status of every run in the experiment."""
+    found = client.get_experiment_by_name(experiment)
+    return {run.data.tags["mlflow.runName"]: run.info.status for run in client.search_runs([found.experiment_id])}
+
+
+def test_an_outage_queues_calls_and_delivers_them_in_order_when_the_server_is_back(mlflow_server, tmp_path):
+    relay = Relay(mlflow_server)
+    tracker = Tracker(make_config(tmp_path / "root", relay.uri, name="outage"))
+    tracker.start_pipeline("run", "x: 1\n")
+    stage = tracker.start_stage("shard", "0123456789abcdef", {}, {"dataset.shard_size": "5"})
+    assert stage.run_id and tracker.outages == []
+    relay.cut()
+    started = time.monotonic()
+    for step in range(1, 4):
+        stage.log_metrics({"loss": 1.0 / step}, step=step)  # queued, not raised, not waited for
+    stage.log_dict({"a": 1}, "manifest.json")
+    assert time.monotonic() - started < 5
+    assert len(tracker.outages) == 1 and len(tracker.backlog()) == 4
+    relay.restore()
+    stage.finish()
+    tracker.finish_pipeline("FINISHED")
+    assert tracker.backlog() == []
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(stage.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert statuses(client, "exp-outage") == {"outage: run": "FINISHED", "shard": "FINISHED"}
+
+
+def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_time(mlflow_server, tmp_path):
     relay = Relay(mlflow_server)
     tracker = Tracker(make_config(tmp_path / "root", relay.uri, name="down"))
     tracker.start_pipeline("run", "x: 1\n")
     stage = tracker.start_stage("shard", "0123456789abcdef", {}, {"dataset.shard_size": "5"})
-    assert tracker.failures == [] and stage.run_id
     relay.close()  # the server is gone from here on
     started = time.monotonic()
-    stage.log_metrics({"images_per_s": 1.0})  # reported, not raised
-    stage.log_dict({"a": 1}, "manifest.json")
+    stage.log_metrics({"images_per_s": 1.0})
     stage.finish()
     tracker.finish_pipeline("FINISHED")
-    assert not tracker.online
-    assert len(tracker.failures) == 1 and "log batch" in tracker.failures[0]
-    assert time.monotonic() - started < 30  # bounded retries: no minutes of backoff
+    assert time.monotonic() - started < 15  # flush_timeout_s = 3, then it gives up
+    calls = [record["call"] for record in tracker.backlog()]
+    assert calls == ["log_batch", "set_terminated", "set_terminated"]
+    assert tracker.backlog()[0]["metrics"][0][:2] == ["images_per_s", 1.0] and tracker.backlog()[0]["run_id"]
     # What reached the server before the cut is there.
     assert MlflowClient(mlflow_server).get_run(stage.run_id).data.params == {"dataset.shard_size": "5"}
+
+
+def test_runs_left_running_by_a_dead_process_are_ended_failed_by_the_next_one(tmp_path):
+    cfg = make_config(tmp_path / "root", name="reap", heartbeat_s=10)
+    client = MlflowClient(Tracker(cfg).uri)
+    experiment = client.create_experiment("exp-reap", artifact_location=(tmp_path / "artifacts").as_uri())
+    stale = str(int(time.time()) - 31)  # three periods of 10 s without a heartbeat
+    dead = client.create_run(experiment, tags={HEARTBEAT_TAG: stale, HEARTBEAT_PERIOD_TAG: "10"}).info.run_id
+    alive = client.create_run(experiment, tags={HEARTBEAT_TAG: str(int(time.time())), HEARTBEAT_PERIOD_TAG: "10"})
+    foreign = client.create_run(experiment)  # not ours: no heartbeat tag
+    tracker = Tracker(cfg)
+    tracker.start_pipeline("run", "x: 1\n")
+    tracker.finish_pipeline("FINISHED")
+    assert client.get_run(dead).info.status == "FAILED"
+    assert "no heartbeat since" in client.get_run(dead).data.tags["vq2.ended_by"]
+    assert client.get_run(alive.info.run_id).info.status == client.get_run(foreign.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_server_stopped_and_restarted_mid_stage_every_record_arrives(ray_local, s3_server, tmp_path):
+    """The real server process is stopped when the shard stage starts its work and started again at once;
+    the stage goes on, and its records reach the restarted server."""
+    folder = tmp_path / "server"
+    folder.mkdir()
+    uri, server = start_mlflow_server(folder, s3_server)
+    port = int(uri.rsplit(":", 1)[1])
+    restarted = []
+    log_batches = []
+
+    def on_request(path: str) -> None:
+        if path.endswith("/runs/log-batch"):
+            log_batches.append(path)
+            if len(log_batches) == 2:  # the stage's params, then its "cached=false" tags: the work starts
+                stop(server)
+                threading.Thread(target=lambda: restarted.append(start_mlflow_server(folder, s3_server, port))).start()
+
+    relay = Relay(uri, on_request)
+    corpus = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(corpus, per_class=6, val_per_class=2, size=(40, 40), classes=3)
+    cfg = make_config(tmp_path / "root", relay.uri, name="restart", flush_timeout_s=120)
+    cfg = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"source": corpus.uri, "shard_size": 8})})
+    try:
+        result = run_pipeline(cfg, only="shard")["shard"]
+        assert restarted, "the server was never stopped: the relay saw no stage work"
+        assert result.manifest["tracking_backlog"] == []
+        client = MlflowClient(uri)
+        assert statuses(client, "exp-restart") == {"restart: run": "FINISHED", "shard": "FINISHED"}
+        run = client.get_run(result.manifest["run_id"])
+        assert run.data.metrics["accepted"] == 24 and "wall_time_s" in run.data.metrics
+        assert run.data.tags["cached"] == "false"
+    finally:
+        relay.close()
+        for _, process in restarted:
+            stop(process)
+        stop(server)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_stage_and_the_pipeline_killed(ray_local, mlflow_server, tmp_path):
+    corpus = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(corpus, per_class=60, val_per_class=0, size=(300, 260), classes=4)
+    cfg = make_config(tmp_path / "root", mlflow_server, name="sigterm")
+    tree = json.loads(cfg.model_dump_json()) | {"name": "sigterm"}
+    tree["dataset"] |= {"source": corpus.uri, "splits": ["train"], "shard_size": 4}
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(to_yaml(parse_config(tree, "sigterm.yaml")))
+    address = ray.get_runtime_context().gcs_address  # the driver joins this test's Ray
+    command = [str(BIN / "vq2"), "run", "--config", str(config_file), "--until", "shard", f"ray.address={address}",
+               "ray.num_workers=1"]
+    with open(tmp_path / "driver.log", "wb") as log:
+        driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    shards = Location(str(tmp_path / "root/shard"))
+    deadline = time.monotonic() + 120
+    try:
+        while not any(key.endswith(".json") and "shard-" in key for key in shards.list_files()):
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no shard finished in 120 s"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        driver.kill()
+        driver.wait()
+    log_text = (tmp_path / "driver.log").read_text()
+    assert "Traceback" not in log_text and "stopped by SIGTERM" in log_text
+    assert statuses(MlflowClient(mlflow_server), "exp-sigterm") == {"sigterm: run": "KILLED", "shard": "KILLED"}
+    (output,) = [shards / name for name in shards.list_folders()]
+    assert not (output / MANIFEST).exists() and read_lease(output) is None  # unfinished, and free for a rerun

@@ -38,27 +38,57 @@ def test_priors_learn_below_the_uniform_baseline(tiny_pipeline):
 
 
 @pytest.mark.slow
-def test_a_rerun_keeps_a_finished_level_and_a_killed_worker_resumes_from_its_checkpoint(
-        tiny_pipeline, tmp_path, monkeypatch):
+def test_a_rerun_keeps_a_finished_level_checks_it_and_a_killed_worker_resumes_from_its_checkpoint(
+        tiny_pipeline, tmp_path, monkeypatch, caplog):
     from pipeline.runner import pipeline_status
     from pipeline.storage import Location
     from pipeline.train_prior import MODEL_FILE
 
-    cfg = tiny_pipeline.config(train_prior={"seed": 7, "steps": 20, "max_failures": 1, "sample_grid": 0})
-    # A crashed run that had finished the top level left its model file; here it is the session's top
-    # prior (30 steps), copied in to spare a fit: the stage keeps a finished level whatever made it.
+    cfg = tiny_pipeline.config(train_prior={"seed": 7, "max_failures": 1, "sample_grid": 0})
+    # A crashed run left model files. The top one is the session's top prior (the same PriorConfig and 30
+    # steps: kept, sparing a fit); the bottom one is that top prior too, so not this level's model:
+    # trained again.
     session = run_pipeline(tiny_pipeline.config(), only="train_prior")["train_prior"]
     output = Location(next(row["output"] for row in pipeline_status(cfg) if row["stage"] == "train_prior"))
-    (output / "top" / MODEL_FILE).write_bytes((session.location / session.manifest["levels"]["top"]["model"]).read_bytes())
+    top = (session.location / session.manifest["levels"]["top"]["model"]).read_bytes()
+    for level in ("top", "bottom"):
+        (output / level / MODEL_FILE).write_bytes(top)
 
     marker = tmp_path / "killed"
     monkeypatch.setenv("VQ2_FAULT_INJECT", f"train_prior.bottom:15:1:{marker}")
     manifest = run_pipeline(cfg, only="train_prior")["train_prior"].manifest
-    assert manifest["levels"]["top"]["steps"] == 30  # kept, not trained again for this config's 20 steps
-    assert marker.exists()
+    assert manifest["levels"]["top"]["steps"] == 30 and "checkpoint" not in manifest["levels"]["top"]
     assert manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
+    assert f"not keeping {output / 'bottom' / MODEL_FILE}: it holds the 'top' level" in caplog.text
+    assert marker.exists()
     assert manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
-    assert manifest["levels"]["bottom"]["steps"] == 20
+    assert manifest["levels"]["bottom"]["steps"] == 30
+    _, extra = load_model(output / "bottom" / MODEL_FILE, "prior")
+    assert extra["level"] == "bottom"
+
+
+def test_a_kept_model_file_must_match_the_level_config_and_steps(tmp_path, caplog):
+    import dataclasses
+
+    from models.prior import CodePrior, prior_tiny_lower
+    from pipeline.checkpoints import save_model
+    from pipeline.storage import Location
+    from pipeline.train_prior import kept_level
+
+    config = prior_tiny_lower()
+    file = Location(str(tmp_path / "bottom" / "prior.pt"))
+    assert kept_level(file, "bottom", config, 20) is None and caplog.text == ""  # no file: nothing to keep
+    save_model(file, "prior", CodePrior(config), level="bottom", step=20, metrics={"bottom_val_nll_bits": 5.0})
+    assert kept_level(file, "bottom", config, 20) == {
+        "model": "bottom/prior.pt", "steps": 20, "metrics": {"bottom_val_nll_bits": 5.0},
+        "prior_config": dataclasses.asdict(config)}
+    assert kept_level(file, "bottom", config, 30) is None
+    assert "it claims 20 steps, train_prior.steps is 30; training the bottom level again" in caplog.text
+    assert kept_level(file, "bottom", dataclasses.replace(config, channels=64), 20) is None
+    assert "its PriorConfig differs in channels (32, expected 64)" in caplog.text
+    file.write_bytes(b"cut short by a crash")
+    assert kept_level(file, "bottom", config, 20) is None
+    assert "it cannot be read as a prior model" in caplog.text
 
 
 def test_derived_prior_settings_are_not_configurable(tmp_path):
@@ -69,3 +99,99 @@ def test_derived_prior_settings_are_not_configurable(tmp_path):
         config({"top": {"grid": [8, 8]}})
     with pytest.raises(ConfigError, match="unknown model key"):
         config({"bottom": {"layers": 3}})
+
+
+# A code table larger than Ray's object store, and a separate local Ray (its own process) whose store is
+# smaller than that table. Ray spills to disk rather than failing when its store is full, so what is
+# checked is that nothing was spilled: a stage that put the table into the store would have to spill.
+STREAMING_SCRIPT = r"""
+import json, sys
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import ray
+import torch
+from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+from models.vqvae import VQVAE, vqvae_tiny
+from pipeline import ray_logs, train_prior
+from pipeline.checkpoints import save_model
+from pipeline.codes import CodesLayout, codes_table, write_codes
+from pipeline.config import parse_config
+from pipeline.storage import Location
+from pipeline.tracking import StageRun
+
+folder, store_bytes = Path(sys.argv[1]), int(sys.argv[2])
+root = Location(str(folder / "root"))
+save_model(root / "vqvae.pt", "vqvae", VQVAE(vqvae_tiny()))
+layout = CodesLayout(grids=[(128, 128)], codebook_sizes=[16], vqvae_model=(root / "vqvae.pt").uri,
+                     vqvae_fingerprint="synthetic")
+encode = root / "encode" / "synthetic"
+files, table_bytes = {"train": [], "val": []}, 0
+for split, count, rows in (("train", 4, 800), ("val", 1, 8)):
+    for index in range(count):
+        name = f"{split}/codes-{index:06d}.parquet"
+        codes = torch.full((rows, 128, 128), index % 16, dtype=torch.int16)
+        table = codes_table([f"c{index % 2}/{split}{index}-{i}" for i in range(rows)], [index % 2] * rows, [codes], layout)
+        write_codes(encode / name, table)
+        files[split].append({"file": name, "rows": rows, "shard": name})
+        table_bytes += table.nbytes if split == "train" else 0
+# What the runner hands a stage (its StageContext and upstream StageResults), reduced to what this stage reads.
+upstream = {"shard": SimpleNamespace(location=root / "shard", manifest={"classes": ["c0", "c1"]}),
+            "encode": SimpleNamespace(location=encode, manifest={"files": files, "layout": asdict(layout)})}
+cfg = parse_config({"storage": {"root": root.uri}, "dataset": {"source": str(folder)}, "train_prior": {
+    "num_workers": 1, "cpus_per_worker": 2, "batch_size": 2, "steps": 2, "checkpoint_every": 2, "validate_every": 2, "log_every": 1,
+    "val_samples": 2, "sample_grid": 0, "shuffle_buffer": 16, "models": {"top": {
+        "channels": 8, "residual_channels": 8, "num_layers": 1, "attention_layers": 0, "kernel_size": 3}}}},
+    "streaming.yaml")
+ray.init(address="local", num_cpus=2, object_store_memory=store_bytes, include_dashboard=False,
+         runtime_env=ray_logs.LOCAL_RUNTIME_ENV)
+output = root / "train_prior" / "synthetic"
+ctx = SimpleNamespace(root=root, output=output, upstream=upstream, tracking=StageRun(None, None))
+manifest = train_prior.run(cfg, ctx)
+# This Ray's own address: other local Rays may run beside it.
+stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+print("RESULT " + json.dumps({"steps": manifest["levels"]["top"]["steps"], "table_bytes": table_bytes,
+      "spilled_bytes": stats.spilled_bytes_total, "fallback_bytes": stats.object_store_bytes_fallback}))
+"""
+
+
+@pytest.mark.slow
+def test_the_prior_stage_streams_a_code_table_larger_than_the_object_store(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store_bytes = 80 * 1024 * 1024  # about Ray's smallest object store
+    done = subprocess.run([sys.executable, "-c", STREAMING_SCRIPT, str(tmp_path), str(store_bytes)],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["table_bytes"] > store_bytes and result["steps"] == 2
+    assert result["spilled_bytes"] == 0 and result["fallback_bytes"] == 0, result
+
+
+def test_each_pass_deals_every_code_row_to_exactly_one_rank(tmp_path):
+    import torch
+
+    from pipeline.codes import CodesLayout, code_pieces, codes_table, rank_batches, write_codes
+    from pipeline.storage import Location
+
+    layout = CodesLayout(grids=[(2, 2)], codebook_sizes=[64], vqvae_model="none", vqvae_fingerprint="none")
+    files = []
+    for index in range(4):  # 6 rows a file; a row's codes all hold its number
+        rows = torch.arange(index * 6, index * 6 + 6, dtype=torch.int16)
+        files.append(Location(str(tmp_path / f"codes-{index}.parquet")))
+        write_codes(files[-1], codes_table([f"c/{r}" for r in rows.tolist()], [0] * 6,
+                                           [rows[:, None, None].expand(6, 2, 2)], layout))
+    assert [(p.start, p.stop) for p in code_pieces(files, [6] * 4, 2)] == [(0, 6)] * 4
+    assert [(p.start, p.stop) for p in code_pieces(files[:1], [6], 4)] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]
+
+    streams = [rank_batches(code_pieces(files, [6] * 4, 2), layout, 3, 3, (0,), rank, 2) for rank in range(2)]
+    for _ in range(3):  # three passes: 12 rows, 4 batches, per rank
+        rows = [[int(codes[0][i, 0, 0]) for _ in range(4) for codes in [next(stream)[1]] for i in range(3)]
+                for stream in streams]
+        assert sorted(rows[0] + rows[1]) == list(range(24))  # every row once, to one rank
+        assert all(len({r // 6 for r in rank_rows}) == 2 for rank_rows in rows)  # two whole files each

@@ -1,0 +1,158 @@
+"""MLflow-native records against the real MLflow server: registered models that load without unpickling code
+(and refuse a tampered file), promotion by alias, dataset inputs and system metrics."""
+
+import io
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from jobs.cli import main as vq2
+from models.vqvae import VQVAE, vqvae_tiny
+from pipeline import registry
+from pipeline.checkpoints import load_model, save_model
+from pipeline.config import parse_config
+from pipeline.lineage import CONTEXT_TAG, stage_inputs
+from pipeline.runner import StageResult
+from pipeline.storage import Location
+from pipeline.system_metrics import SystemMetrics
+from pipeline.tracking import Tracker
+
+
+def server_config(root, uri, name):
+    tree = {"storage": {"root": str(root)}, "dataset": {"source": "/nowhere"},
+            "mlflow": {"tracking_uri": uri, "experiment": f"exp-{name}", "request_retries": 0,
+                       "model_names": "per_experiment", "flush_timeout_s": 30}}
+    return parse_config(tree, f"{name}.yaml")
+
+
+class Detonator:
+    """Pickled, it runs `open(marker, "w")` when unpickled: what a tampered model file could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def registered_vqvae(mlflow_server, tmp_path):
+    """A tiny VQ-VAE trained by no one, registered as a train_vqvae stage would register it."""
+    cfg = server_config(tmp_path / "root", mlflow_server, "registry")
+    tracker = Tracker(cfg)
+    tracker.start_pipeline("run", "x: 1\n")
+    stage = tracker.start_stage("train_vqvae", "0123456789abcdef", {}, {})
+    model_file = Location(str(tmp_path / "root" / "vqvae.pt"))
+    torch.manual_seed(0)
+    model = VQVAE(vqvae_tiny())
+    save_model(model_file, "vqvae", model, step=1, image_size=32)
+    ctx = SimpleNamespace(tracking=stage, fingerprint="0123456789abcdef", name="train_vqvae")
+    registry.register(ctx, cfg, "vqvae", model_file, model.cfg, image_size=32)
+    stage.finish()
+    tracker.finish_pipeline("FINISHED")
+    assert tracker.refused == [] and tracker.backlog() == []
+    return cfg, stage.run_id, tracker.parent.run_id, model_file
+
+
+def test_a_registered_model_is_linked_to_its_run_and_loads_as_weights_only_pyfunc(registered_vqvae, mlflow_server,
+                                                                                    tmp_path, capsys):
+    cfg, run_id, parent_id, model_file = registered_vqvae
+    client = MlflowClient(mlflow_server)
+    name = "exp-registry.vq2-vqvae"  # model_names: per_experiment
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert version.run_id == run_id and version.tags["fingerprint"] == "0123456789abcdef"
+    assert version.tags["weights_sha256"] == registry.file_digest(Path(model_file.path))
+    model_id = version.model_id or version.tags[registry.MODEL_ID_TAG]
+    assert version.source == client.get_logged_model(model_id).artifact_location
+    assert [output.model_id for output in client.get_run(run_id).outputs.model_outputs] == [model_id]
+
+    uri = f"models:/{name}/{version.version}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        info = mlflow.models.get_model_info(f"models:/{model_id}")
+        assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1) and info.saved_input_example_info
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        assert pyfunc.metadata.flavors["python_function"]["loader_module"] == "pipeline.mlflow_model"
+        codes = pyfunc.predict(np.zeros((2, 3, 32, 32), np.float32))
+        assert {k: v.shape for k, v in codes.items()} == {"top": (2, 4, 4), "bottom": (2, 8, 8)}
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+    # `vq2 promote` sets the alias on the models of the pipeline run; a stage takes the model by it.
+    assert vq2(["promote", "--experiment", "exp-registry", "--run", parent_id, "--alias", "champion",
+                "--tracking-uri", mlflow_server]) == 0
+    assert f"{name}@champion" in capsys.readouterr().out
+    resolved = registry.resolve(cfg, f"models:/{name}@champion")
+    assert resolved.version == version.version and resolved.fingerprint == "0123456789abcdef"
+    copy = registry.fetch(cfg, resolved, Location(str(tmp_path / "copy.pt")))
+    assert load_model(copy, "vqvae")[1]["image_size"] == 32
+
+
+def test_a_tampered_registered_model_file_is_refused_and_never_run(registered_vqvae, mlflow_server, s3_server,
+                                                                   tmp_path):
+    cfg, _, _, _ = registered_vqvae
+    name = "exp-registry.vq2-vqvae"
+    resolved = registry.resolve(cfg, f"models:/{name}/1")
+    # Someone with write access to the artifact store swaps the weights for a pickle that runs code.
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"kind": "vqvae", "payload": Detonator(str(marker))}, buffer)
+    s3 = s3_server.client()
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="mlflow-artifacts/")["Contents"]
+            if resolved.model_id in item["Key"] and item["Key"].endswith("/data/vqvae.pt")]
+    assert len(keys) == 1
+    s3.put_object(Bucket=s3_server.bucket, Key=keys[0], Body=buffer.getvalue())
+
+    with pytest.raises(ValueError, match="refused"):
+        registry.fetch(cfg, resolved, Location(str(tmp_path / "copy.pt")))
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(mlflow_server)
+    try:
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            mlflow.pyfunc.load_model(f"models:/{name}/1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert not marker.exists()
+
+
+def test_dataset_inputs_and_system_metrics_reach_the_server(tiny_pipeline, mlflow_server, tmp_path):
+    """The encode output of the tiny pipeline as a training input, and system metrics with a node id."""
+    from pipeline.runner import read_manifest, stage_address, stages
+
+    cfg = tiny_pipeline.config()
+    fingerprints, results = {}, {}
+    for name, module in list(stages().items())[:3]:  # shard, train_vqvae, encode
+        address = stage_address(module, cfg, fingerprints)
+        fingerprints[name] = address.fingerprint
+        results[name] = StageResult(name, address.fingerprint, address.location, read_manifest(address.location), True)
+    tracker = Tracker(server_config(tmp_path / "root", mlflow_server, "lineage"))
+    tracker.start_pipeline("run", "x: 1\n")
+    stage = tracker.start_stage("train_prior", "fedcba9876543210", {}, {})
+    stage.log_inputs(stage_inputs("train_prior", results, {}, cfg.dataset.source, trains=True))
+    with SystemMetrics(stage, interval_s=3600, node="node-a"):
+        pass
+    stage.finish()
+    tracker.finish_pipeline("FINISHED")
+
+    run = MlflowClient(mlflow_server).get_run(stage.run_id)
+    inputs = {item.dataset.name: item for item in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["codes", "shards"]
+    codes = inputs["codes"].dataset
+    assert codes.digest == results["encode"].fingerprint
+    assert json.loads(codes.source) == {"uri": results["encode"].location.uri}
+    assert json.loads(codes.profile)["splits"] == results["encode"].manifest["splits"]
+    columns = {c["name"]: c["type"] for c in json.loads(codes.schema)["mlflow_colspec"]}
+    assert columns == {"key": "string", "label": "integer", "top": "array", "bottom": "array"}
+    assert inputs["shards"].dataset.digest == results["shard"].fingerprint
+    assert {tag.key: tag.value for tag in inputs["codes"].tags} == {CONTEXT_TAG: "training"}
+    assert run.data.metrics["system/node-a/cpu_utilization_percentage"] >= 0
+    assert run.data.metrics["system/node-a/system_memory_usage_megabytes"] > 0
