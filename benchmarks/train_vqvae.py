@@ -34,10 +34,9 @@ from pipeline.shard_reader import batch_loader, to_model_range
 from pipeline.storage import Location
 from pipeline.train_vqvae import vqvae_config
 from models.vqvae import VQVAE
+from gpu_check import bf16_peak_tflops  # benchmarks/gpu_check.py: the one table of GPU peaks
 
 LOG_EVERY = 10
-# Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a word in the device name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 
 def make_config(root: Path, corpus: Location, args, workers: int, cpus: float):
@@ -68,8 +67,7 @@ def train_flops_per_image(cfg, size: int) -> float:
 def gpu_peak_tflops(args) -> float | None:
     if args.peak_tflops or not args.gpu:
         return args.peak_tflops
-    name = torch.cuda.get_device_name()
-    return next((peak for word, peak in BF16_PEAK_TFLOPS.items() if word in name), None)
+    return bf16_peak_tflops(torch.cuda.get_device_name())
 
 
 def steady_rate(rates: list[float]) -> float:
