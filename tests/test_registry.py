@@ -156,3 +156,15 @@ def test_dataset_inputs_and_system_metrics_reach_the_server(tiny_pipeline, mlflo
     assert {tag.key: tag.value for tag in inputs["codes"].tags} == {CONTEXT_TAG: "training"}
     assert run.data.metrics["system/node-a/cpu_utilization_percentage"] >= 0
     assert run.data.metrics["system/node-a/system_memory_usage_megabytes"] > 0
+
+
+def test_models_register_in_the_runs_own_local_store(tiny_pipeline):
+    """With the default local store (SQLite under the storage root) the registry is that store too, not MLflow's
+    default ./mlflow.db: the session's train_vqvae and train_classifier stages registered their models there, each
+    version linked to the stage run that trained it."""
+    uri = tiny_pipeline.tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    for name, stage in (("vq2-vqvae", "train_vqvae"), ("vq2-classifier", "train_classifier")):
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert versions, name
+        assert {client.get_run(version.run_id).data.tags["stage"] for version in versions} == {stage}
