@@ -105,7 +105,7 @@ class StageContext:
     cfg: PipelineConfig
 
     def output_for(self, upstream: dict[str, str]) -> Location:
-        """This stage's output folder had its upstream outputs had these fingerprints (e.g. an earlier
+        """This stage's output folder if its upstream outputs had these fingerprints (e.g. an earlier
         dataset version): where an earlier run of the same code and config wrote."""
         return stage_address(self.module, self.cfg, upstream).location
 
