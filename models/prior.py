@@ -316,8 +316,10 @@ class ConditionStack(nn.Module):
 
     def forward(self, codes_above: list[torch.Tensor]) -> torch.Tensor:
         """(B, condition_channels, H, W) from the code grids of the levels above, top first."""
+        # contiguous: a permuted (channels-last) input gives every convolution below channels-last weight
+        # gradients, which DDP's buckets (laid out like the parameters) must copy, with a warning, every step.
         maps = [
-            F.interpolate(emb(c.long()).permute(0, 3, 1, 2), size=self.base_grid, mode="nearest")
+            F.interpolate(emb(c.long()).permute(0, 3, 1, 2).contiguous(), size=self.base_grid, mode="nearest")
             for emb, c in zip(self.embeddings, codes_above)
         ]
         x = self.conv_in(torch.cat(maps, 1))

@@ -19,10 +19,12 @@ def quiet_ray_data() -> None:
     """Ray Data's progress bars (or, without a terminal, its progress log lines every few seconds) off in this
     process; the stage's Progress shows the pool's progress instead."""
     from ray.data import DataContext
+    from ray.util.debug import log_once
 
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # spends Ray Data's one warning that its bars are off
 
 
 def _duration(seconds: float) -> str:

@@ -1,4 +1,5 @@
-"""How a local Ray started by the pipeline is set up so that its console says what matters, and only once."""
+"""How the pipeline's Ray (a local one it starts, or the cluster it joins) is set up so that its console says
+what matters, and only once."""
 
 import logging
 import os
@@ -9,15 +10,17 @@ import ray
 # runs without the dashboard (its processes take CPU that a 2-core machine needs), so the poll
 # fails and the cleaner would warn every second for the length of every fit. Errors still show.
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-# Every rank's every ray.train.report is logged at INFO ("Reporting training result N: TrainingReport(...)"),
-# a line per rank and checkpoint with the whole metrics dict; the stages log their own progress (rank 0).
-REPORT_LOGGER = "ray.train.v2._internal.execution.context"
+# A Ray Train worker logs every rank's every ray.train.report at INFO ("Reporting training result N:
+# TrainingReport(...)", the whole metrics dict) through a logger named by its file's path, outside "ray.train",
+# so RunConfig's LoggingConfig does not reach it; the stages log their own progress from rank 0.
+REPORT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
 
-LOCAL_RUNTIME_ENV = {
+RUNTIME_ENV = {
     "worker_process_setup_hook": "pipeline.ray_logs.quiet_ray_train",
-    # Ray Train's preemption watcher is an actor that polls for nodes being preempted, which a local Ray never
-    # is; it is created with the worker handles as arguments and restarts allowed, which Ray reports at ERROR
-    # level for every fit (ray-project/ray#53727). A cluster keeps it.
+    # Ray Train's preemption watcher is an actor that tells workers of a coming node preemption through
+    # ray.train.get_preemption_info, which the stages do not read (a lost node is a worker failure, resumed from
+    # the last checkpoint). It is created with the worker handles as arguments and restarts allowed, which Ray
+    # reports at ERROR level for every fit (ray-project/ray#53727).
     "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
 }
 

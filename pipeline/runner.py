@@ -122,9 +122,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     # ray.init replaces the SIGTERM handler with sys.exit; keep ours, which ends the MLflow runs KILLED.
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     if cfg.ray.address is None:
-        ray.init(include_dashboard=False, runtime_env=ray_logs.LOCAL_RUNTIME_ENV)
+        ray.init(include_dashboard=False, runtime_env=ray_logs.RUNTIME_ENV)
     else:
-        ray.init(address=cfg.ray.address)
+        ray.init(address=cfg.ray.address, runtime_env=ray_logs.RUNTIME_ENV)  # merged into a Ray job's own
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, sigterm_handler)
 

@@ -104,12 +104,14 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
-def _refused(error: Exception) -> bool:
-    """True when MLflow answered that the call itself is wrong (a 4xx): retrying cannot help."""
-    if not isinstance(error, MlflowException):
-        return False
-    status = error.get_http_status_code()
-    return 400 <= status < 500 and status not in (408, 429)
+def _transient(error: Exception) -> bool:
+    """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), the network or the artifact
+    store failing. False when MLflow answered that the call itself is wrong (a 4xx) or the call's own code
+    failed (a ValueError, say): retrying cannot help, and one such call must not hold back every call behind it."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return not (400 <= status < 500 and status not in (408, 429))
+    return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("boto3", "botocore", "s3fs", "urllib3")
 
 
 @dataclass
@@ -126,11 +128,15 @@ class Tracker:
         # Without these, an unreachable server holds each call for minutes of MLflow's own retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.mlflow.request_retries))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.mlflow.request_timeout_s))
-        if cfg.storage.endpoint_url:
-            # A local store with artifacts under an S3 root: MLflow's own S3 client needs the endpoint.
-            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.storage.endpoint_url)
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
+        if cfg.storage.endpoint_url and not _is_server(self.uri):
+            # A local store keeps its artifacts under the storage root, which MLflow's own S3 client reaches at this
+            # config's endpoint: set, not defaulted, or a process that tracked another config first would keep
+            # sending them to that one's endpoint.
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.storage.endpoint_url
+        elif cfg.storage.endpoint_url:
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.storage.endpoint_url)
         self.client = MlflowClient(self.uri, registry_uri=self.uri)  # else the registry is ./mlflow.db
         self.experiment_id: str | None = None
         self.parent: StageRun | None = None
@@ -157,18 +163,21 @@ class Tracker:
         then. True when nothing is left."""
         delivered_late = 0
         while self._queue:
-            wait = self._retry_at - time.monotonic()
-            if wait > 0:
-                if deadline is None or time.monotonic() + wait > deadline:
+            now = time.monotonic()
+            if self._retry_at > now:
+                if deadline is None or now >= deadline:
                     return False
-                time.sleep(wait)
+                time.sleep(min(self._retry_at, deadline) - now)  # the last try comes at the deadline, not never
             call = self._queue[0]
             try:
                 call.run()
             except Exception as error:  # noqa: BLE001 - tracking never stops the data work
                 message = f"{call.what}: {type(error).__name__}: {str(error)[:300]}"
-                if _refused(error):
-                    log.warning("MLflow refused %s; not retried", message)
+                if not _transient(error):
+                    if isinstance(error, MlflowException):
+                        log.warning("MLflow refused %s; not retried", message)
+                    else:
+                        log.error("tracking call %s failed; not retried", call.what, exc_info=error)
                     self.refused.append(message)
                     self._queue.popleft()
                     continue
@@ -310,9 +319,9 @@ class Tracker:
             self.parent.finish(status)
         self._heartbeat_stop.set()
         if not self.flush():
-            log.error("MLflow unreachable at the end of the run: %d tracking calls not delivered (%s); runs left "
-                      "RUNNING are ended as FAILED by the next invocation", len(self._queue),
-                      ", ".join(sorted({record["call"] for record in self.backlog()})))
+            log.error("MLflow unreachable at the end of the run: %d tracking calls not delivered (%s; failing "
+                      "since %s); runs left RUNNING are ended as FAILED by the next invocation", len(self._queue),
+                      ", ".join(sorted({record["call"] for record in self.backlog()})), self.outages[-1])
 
 
 class StageRun:

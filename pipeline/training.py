@@ -13,7 +13,7 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline.config import TrainerConfig
@@ -43,6 +43,9 @@ def run_config(output: Location, section: TrainerConfig) -> RunConfig:
         storage_filesystem=filesystem,
         failure_config=FailureConfig(max_failures=section.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
+        # Ray Train's INFO lines (worker group start, DDP wrapping, a "Reporting training result" line per rank
+        # and report with the whole metrics dict) go to its log files only; the stages log their own progress.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,23 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # The Ray Train controller polls its workers every 2 s by default: most of a tiny fit's wall time.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_left_as_found() -> Iterator[None]:
+    """A test that leaves MLFLOW_TRACKING_URI changed would send every later test without a tracking URI to
+    that store (mlflow.set_tracking_uri exports it)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "the test left MLFLOW_TRACKING_URI changed"
+
+
+def alarming_lines(console: str) -> list[str]:
+    """The lines of a console a person should not have to read past: an ERROR line (Python's, or a Ray process's
+    "E" line), a traceback, a deprecation warning, a missing-tqdm notice, Ray Train's per-report lines."""
+    return [line for line in console.splitlines()
+            if re.search(r"\bERROR\b|\d{3} E \d+ \d+\]|Traceback|Reporting training result", line)
+            or re.search(r"deprecat|tqdm is not installed", line, re.IGNORECASE)]
 
 
 def _bindable(port: int) -> bool:
@@ -212,8 +230,8 @@ def start_local_ray(s3_server: S3Server) -> None:
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-            "env_vars": s3_server.env | ray_logs.LOCAL_RUNTIME_ENV["env_vars"],
-            "worker_process_setup_hook": ray_logs.LOCAL_RUNTIME_ENV["worker_process_setup_hook"],
+            "env_vars": s3_server.env | ray_logs.RUNTIME_ENV["env_vars"],
+            "worker_process_setup_hook": ray_logs.RUNTIME_ENV["worker_process_setup_hook"],
         })
 
 

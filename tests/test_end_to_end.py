@@ -1,15 +1,16 @@
-"""The whole pipeline as one job submitted to a real Ray head, on the real S3 server with a real MLflow server,
-read back through MLflow, then found complete by a second invocation."""
+"""The whole pipeline as two overlapping jobs submitted to a real Ray head, on the real S3 server with a real
+MLflow server, read back through MLflow, then found complete by a third invocation."""
 
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from conftest import BIN
+from conftest import BIN, alarming_lines
 from pipeline import demo_data
 from pipeline.config import load_config
 from pipeline.runner import pipeline_status, run_pipeline
@@ -36,20 +37,32 @@ TINY_JOB = [  # configs/tiny.yaml cut to the fewest steps and processes that sti
 
 
 @pytest.mark.slow
-def test_a_job_submitted_to_a_ray_head_runs_the_whole_pipeline(ray_head, s3_env, mlflow_server):
+def test_two_jobs_submitted_at_once_to_a_ray_head_run_the_whole_pipeline_once(ray_head, s3_env, mlflow_server):
+    """A nightly job overlapping a manual one on the same cluster: both succeed, each stage is run by one of them
+    while the other waits for its manifest, and there is one set of outputs."""
     address, temp = ray_head
     corpus = Location(s3_env.uri("e2e/corpus"))
     demo_data.synthetic(corpus, 12, 4, size=(32, 32), classes=4, with_bad_files=True)
     overrides = [f"storage.root={s3_env.uri('e2e/root')}", f"dataset.source={corpus.uri}",
-                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=e2e", *TINY_JOB]
-    submitted = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "vq2-e2e", "--working-dir", ".",
-         "--", "python", "-m", "jobs.submit", "--config", "configs/tiny.yaml", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=1200)
+                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=e2e", "storage.lease_poll_s=0.5",
+                 *TINY_JOB]
+    job_ids = ["vq2-e2e-nightly", "vq2-e2e-manual"]
+    for job_id in job_ids:
+        submitted = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", address, "--submission-id", job_id,
+             "--working-dir", ".", "--", "python", "-m", "jobs.submit", "--config", "configs/tiny.yaml", *overrides],
+            cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     jobs = JobSubmissionClient(address)
-    logs = jobs.get_job_logs("vq2-e2e")
-    assert jobs.get_job_status("vq2-e2e") == JobStatus.SUCCEEDED, submitted.stdout[-3000:] + logs[-5000:]
-    assert f"preflight: the cluster is ready for {', '.join(STAGES)}" in logs
+    deadline = time.monotonic() + 1200
+    while not all(jobs.get_job_status(job_id).is_terminal() for job_id in job_ids):
+        assert time.monotonic() < deadline, "the jobs did not end in 20 minutes"
+        time.sleep(1)
+    logs = [jobs.get_job_logs(job_id) for job_id in job_ids]
+    for job_id, text in zip(job_ids, logs):
+        assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED, text[-5000:]
+        assert f"preflight: the cluster is ready for {', '.join(STAGES)}" in text
+        assert not alarming_lines(text), alarming_lines(text)
 
     # The working directory went up without the venv, the git folder or local outputs.
     (package,) = [p for p in (temp / "session_latest/runtime_resources/working_dir_files").iterdir() if p.is_dir()]
@@ -60,6 +73,13 @@ def test_a_job_submitted_to_a_ray_head_runs_the_whole_pipeline(ray_head, s3_env,
     rows = pipeline_status(cfg)
     assert [row["state"] for row in rows] == ["complete"] * len(STAGES)
     assert all(row["output"].startswith("s3://") for row in rows)
+    root = Location(cfg.storage.root)
+    for row in rows:  # one set of outputs, made by one job while the other waited for it
+        assert (root / row["stage"]).list_folders() == [row["fingerprint"]], row["stage"]
+        made = [text.count(f"{row['stage']}: running into") for text in logs]
+        assert sorted(made) == [0, 1], (row["stage"], made)
+        assert all(f"{row['stage']}: {'done' if count else 'cached'} {row['output']}" in text
+                   for count, text in zip(made, logs))
     # Ray Train kept its checkpoints on the S3 server, under each training stage's own prefix.
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket, Prefix="e2e/root/")["Contents"]]
     for stage in ("train_vqvae", "train_classifier"):
@@ -69,13 +89,13 @@ def test_a_job_submitted_to_a_ray_head_runs_the_whole_pipeline(ray_head, s3_env,
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.status == "FINISHED"
-    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(stages) == sorted(STAGES)
+    assert {run.info.status for run in runs} == {"FINISHED"} and len(runs) == 2 * (1 + len(STAGES))
+    parents = {r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert len(parents) == 2
+    stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("cached") == "false"}  # the runs that made
+    assert sorted(stages) == sorted(STAGES) and {r.data.tags["mlflow.parentRunId"] for r in stages.values()} <= parents
     fingerprints = {row["stage"]: row["fingerprint"] for row in rows}
     for name, run in stages.items():
-        assert run.info.status == "FINISHED" and run.data.tags["cached"] == "false", name
         assert run.data.tags["fingerprint"] == fingerprints[name] and run.data.tags["input.code"], name
         assert run.data.params, name  # the stage's flattened config
     headline = {"train_vqvae": "val_mse", "train_prior": "top_val_nll_bits", "sample": "acceptance_rate",
@@ -84,7 +104,7 @@ def test_a_job_submitted_to_a_ray_head_runs_the_whole_pipeline(ray_head, s3_env,
         assert math.isfinite(stages[stage].data.metrics[metric]), (stage, metric)
     assert {"samples.png"} <= {a.path for a in client.list_artifacts(stages["sample"].info.run_id)}
 
-    # A second invocation, here, finds every stage complete, says which run made it, and starts no Ray.
+    # A third invocation, here, finds every stage complete, says which run made it, and starts no Ray.
     again = run_pipeline(cfg)
     assert list(again) == STAGES and all(r.cached for r in again.values())
     assert {name: r.manifest["run_id"] for name, r in again.items()} == {n: r.info.run_id for n, r in stages.items()}

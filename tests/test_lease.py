@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -10,13 +9,9 @@ import threading
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import BIN, TINY_UPSTREAM, deep_merge
-from pipeline import demo_data
-from pipeline.config import parse_config, to_yaml
 from pipeline.lease import LEASE, Lease, LeaseLost, read_lease, stage_lease
-from pipeline.storage import MANIFEST, Location
+from pipeline.storage import Location
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -110,47 +105,3 @@ def test_a_waiter_sees_the_other_run_finish(output):
     finished = iter([False, False, True])
     with stage_lease(output, 60, lambda: next(finished), poll_s=0.01, stage="shard") as lease:
         assert lease is None
-
-
-@pytest.mark.slow
-def test_two_runs_of_one_config_at_once_do_the_work_once(s3_env, mlflow_server, tmp_path):
-    """A nightly run overlapping a manual one: both succeed, each stage is run by one of them, the other waits
-    for its manifest, and there is one set of outputs."""
-    corpus = Location(s3_env.uri("twice/corpus"))
-    demo_data.synthetic(corpus, 12, 4, size=(32, 32), classes=4)
-    tree = deep_merge(TINY_UPSTREAM, {
-        "storage": {"root": s3_env.uri("twice/root"), "lease_poll_s": 0.2},
-        "dataset": {"source": corpus.uri, "shard_size": 24},
-        "mlflow": {"tracking_uri": mlflow_server, "experiment": "twice"},
-        "train_vqvae": {"steps": 10, "checkpoint_every": 10, "validate_every": 10},
-    })
-    config_file = tmp_path / "twice.yaml"
-    config_file.write_text(to_yaml(parse_config(tree, "twice.yaml")))
-    # Each driver starts its own local Ray, as two cron jobs on one machine would, with the S3 credentials of
-    # its environment (a driver joining this test's Ray would not hand them to its workers).
-    command = [str(BIN / "vq2"), "run", "--config", str(config_file), "--until", "encode"]
-    logs = [tmp_path / f"run{i}.log" for i in range(2)]
-    drivers = [subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT) for log in logs]
-    codes = [driver.wait(timeout=500) for driver in drivers]
-    texts = [log.read_text() for log in logs]
-    assert codes == [0, 0], texts[0][-2000:] + texts[1][-2000:]
-    for text in texts:  # a console a person can read: no ERROR line, traceback or deprecation, from Ray or MLflow
-        alarming = [line for line in text.splitlines() if re.search(r"\bERROR\b|Traceback", line)
-                    or re.search(r"deprecat|tqdm is not installed", line, re.IGNORECASE)]
-        assert not alarming, alarming
-    root = Location(s3_env.uri("twice/root"))
-    manifests = {}
-    for stage in ("shard", "train_vqvae", "encode"):
-        (fingerprint,) = (root / stage).list_folders()  # one set of outputs
-        ran = [text.count(f"{stage}: running into") for text in texts]
-        assert sorted(ran) == [0, 1], (stage, ran)  # one run did the work, the other waited for it
-        output = root / stage / fingerprint
-        manifests[stage] = (output / MANIFEST).read_json()
-        assert read_lease(output) is None
-        assert all(f"{stage}: {'done' if count else 'cached'} {output}" in text for count, text in zip(ran, texts))
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
-    assert {run.info.status for run in runs} == {"FINISHED"} and len(runs) == 2 * 4
-    for stage, manifest in manifests.items():
-        made = [run for run in runs if run.data.tags.get("stage") == stage and run.data.tags["cached"] == "false"]
-        assert [run.info.run_id for run in made] == [manifest["run_id"]]

@@ -75,6 +75,18 @@ def test_lower_prior_sees_the_whole_condition():
         assert not torch.allclose(prior(codes, labels, [changed])[0, :, 0, 0], base), f"condition position {j} unseen"
 
 
+@pytest.mark.parametrize("make", [prior_tiny_top, prior_tiny_lower])
+def test_every_gradient_has_its_parameters_layout(make):
+    """DDP reduces gradients into buckets laid out like the parameters; a gradient in another layout (a
+    channels-last one, from a permuted input) makes it warn "Grad strides do not match bucket view strides" and
+    copy every step."""
+    prior = CodePrior(make())
+    codes = torch.randint(64, (2, *prior.cfg.grid))
+    prior.loss(codes, torch.tensor([1, 2]), _condition(prior, 2)).backward()
+    for name, param in prior.named_parameters():
+        assert param.grad.stride() == param.stride(), name
+
+
 def test_class_label_changes_the_first_logits():
     prior = _randomised(CodePrior(prior_tiny_top()))
     codes = torch.zeros(2, 4, 4, dtype=torch.long)

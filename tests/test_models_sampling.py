@@ -66,22 +66,22 @@ def _peak_tensor_bytes(fn) -> int:
 
 @pytest.mark.parametrize("attention_layers", [0, 2])
 def test_fast_sampler_memory_does_not_grow_with_rows(attention_layers):
-    """The gated layers keep only the rows their kernels still read: sampling 64 rows holds no more
-    than sampling 16 rows of the same width, beyond the codes returned and, with attention, one
+    """The gated layers keep only the rows their kernels still read: sampling 32 rows holds no more
+    than sampling 8 rows of the same width, beyond the codes returned and, with attention, one
     key and value per extra position (which attention must keep)."""
     batch, width, labels = 2, 4, torch.tensor([1, 2])
     peaks = {}
-    for rows in (64, 16):
+    for rows in (32, 8):
         cfg = prior_tiny_top(grid=(rows, width))
         cfg.attention_layers = attention_layers
         torch.manual_seed(0)
         prior = CodePrior(cfg)
         (u,) = sample_uniforms([1, 2], [rows * width])
         peaks[rows] = _peak_tensor_bytes(lambda: sample_level_fast(prior, u, labels))
-    extra_positions = (64 - 16) * width
+    extra_positions = (32 - 8) * width
     allowed = batch * extra_positions * (8 + attention_layers * 2 * cfg.channels * 4)  # int64 codes, fp32 k and v
-    assert peaks[64] - peaks[16] <= allowed, (peaks, allowed)
-    # 16 rows are many more than the k//2 + 1 rows a layer keeps: rows have left its buffers.
+    assert peaks[32] - peaks[8] <= allowed, (peaks, allowed)
+    # 8 rows are many more than the k//2 + 1 rows a layer keeps: rows have left its buffers.
     assert torch.equal(sample_level_fast(prior, u, labels), sample_level_naive(prior, u, labels))
 
 

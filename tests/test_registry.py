@@ -4,6 +4,7 @@
 import io
 import json
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +32,17 @@ def server_config(root, uri, name):
             "mlflow": {"tracking_uri": uri, "experiment": f"exp-{name}", "request_retries": 0,
                        "model_names": "per_experiment", "flush_timeout_s": 30}}
     return parse_config(tree, f"{name}.yaml")
+
+
+@contextmanager
+def fluent_tracking(uri):
+    """MLflow's fluent API pointed at `uri`, then unset again: set_tracking_uri also exports MLFLOW_TRACKING_URI,
+    and restoring the default that way would point every later test without a tracking URI at ./mlflow.db."""
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 class Detonator:
@@ -75,17 +87,13 @@ def test_a_registered_model_is_linked_to_its_run_and_loads_as_weights_only_pyfun
     assert [output.model_id for output in client.get_run(run_id).outputs.model_outputs] == [model_id]
 
     uri = f"models:/{name}/{version.version}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
+    with fluent_tracking(mlflow_server):
         info = mlflow.models.get_model_info(f"models:/{model_id}")
         assert info.signature.inputs.inputs[0].shape == (-1, 3, -1, -1) and info.saved_input_example_info
         pyfunc = mlflow.pyfunc.load_model(uri)
         assert pyfunc.metadata.flavors["python_function"]["loader_module"] == "pipeline.mlflow_model"
         codes = pyfunc.predict(np.zeros((2, 3, 32, 32), np.float32))
         assert {k: v.shape for k, v in codes.items()} == {"top": (2, 4, 4), "bottom": (2, 8, 8)}
-    finally:
-        mlflow.set_tracking_uri(previous)
 
     # `vq2 promote` sets the alias on the models of the pipeline run; a stage takes the model by it.
     assert vq2(["promote", "--experiment", "exp-registry", "--run", parent_id, "--alias", "champion",
@@ -114,13 +122,8 @@ def test_a_tampered_registered_model_file_is_refused_and_never_run(registered_vq
 
     with pytest.raises(ValueError, match="refused"):
         registry.fetch(cfg, resolved, Location(str(tmp_path / "copy.pt")))
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(mlflow_server)
-    try:
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            mlflow.pyfunc.load_model(f"models:/{name}/1")
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with fluent_tracking(mlflow_server), pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        mlflow.pyfunc.load_model(f"models:/{name}/1")
     assert not marker.exists()
 
 

@@ -176,6 +176,36 @@ def test_an_outage_queues_calls_and_delivers_them_in_order_when_the_server_is_ba
     assert statuses(client, "exp-outage") == {"outage: run": "FINISHED", "shard": "FINISHED"}
 
 
+def test_a_flush_tries_once_more_at_its_deadline_when_the_backoff_runs_past_it(mlflow_server, tmp_path):
+    relay = Relay(mlflow_server)
+    tracker = Tracker(make_config(tmp_path / "root", relay.uri, name="late", retry_initial_s=600))
+    tracker.start_pipeline("run", "x: 1\n")
+    relay.cut()
+    tracker.parent.log_metrics({"loss": 0.5})  # fails: the next try is 600 s away
+    relay.restore()
+    assert tracker.flush(timeout_s=1.0)
+    assert MlflowClient(mlflow_server).get_run(tracker.parent.run_id).data.metrics == {"loss": 0.5}
+
+
+def test_a_call_that_fails_by_itself_is_dropped_and_the_calls_behind_it_go_out(tmp_path, caplog):
+    tracker = Tracker(make_config(tmp_path / "root", name="broken"))
+    tracker.start_pipeline("run", "x: 1\n")
+    stage = tracker.start_stage("shard", "0123456789abcdef", {}, {})
+
+    def broken(run_id: str) -> None:
+        raise ValueError("a defect in the call's own code")
+
+    stage.queue("broken call", broken, {"call": "broken"})
+    stage.log_metrics({"loss": 0.5})
+    stage.finish()
+    tracker.finish_pipeline("FINISHED")
+    assert tracker.backlog() == [] and tracker.outages == []
+    assert tracker.refused == ["broken call: ValueError: a defect in the call's own code"]
+    assert "tracking call broken call failed; not retried" in caplog.text and "ValueError" in caplog.text
+    run = MlflowClient(tracker.uri).get_run(stage.run_id)
+    assert run.data.metrics == {"loss": 0.5} and run.info.status == "FINISHED"
+
+
 def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_time(mlflow_server, tmp_path):
     relay = Relay(mlflow_server)
     tracker = Tracker(make_config(tmp_path / "root", relay.uri, name="down"))

@@ -146,7 +146,7 @@ cfg = parse_config({"storage": {"root": root.uri}, "dataset": {"source": str(fol
         "channels": 8, "residual_channels": 8, "num_layers": 1, "attention_layers": 0, "kernel_size": 3}}}},
     "streaming.yaml")
 ray.init(address="local", num_cpus=2, object_store_memory=store_bytes, include_dashboard=False,
-         runtime_env=ray_logs.LOCAL_RUNTIME_ENV)
+         runtime_env=ray_logs.RUNTIME_ENV)
 output = root / "train_prior" / "synthetic"
 ctx = SimpleNamespace(root=root, output=output, upstream=upstream, tracking=StageRun(None, None))
 manifest = train_prior.run(cfg, ctx)
