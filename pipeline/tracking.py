@@ -130,13 +130,14 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.mlflow.request_timeout_s))
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
-        if cfg.storage.endpoint_url and not _is_server(self.uri):
-            # A local store keeps its artifacts under the storage root, which MLflow's own S3 client reaches at this
-            # config's endpoint: set, not defaulted, or a process that tracked another config first would keep
-            # sending them to that one's endpoint.
-            os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.storage.endpoint_url
-        elif cfg.storage.endpoint_url:
-            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.storage.endpoint_url)
+        if cfg.storage.endpoint_url:
+            if _is_server(self.uri):
+                os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", cfg.storage.endpoint_url)
+            else:
+                # A local store keeps its artifacts under the storage root, which MLflow's own S3 client reaches at
+                # this config's endpoint: set, not defaulted, or a process that tracked another config first would
+                # keep sending them to that one's endpoint.
+                os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.storage.endpoint_url
         self.client = MlflowClient(self.uri, registry_uri=self.uri)  # else the registry is ./mlflow.db
         self.experiment_id: str | None = None
         self.parent: StageRun | None = None

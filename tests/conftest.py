@@ -229,9 +229,8 @@ def start_local_ray(s3_server: S3Server) -> None:
     from pipeline import ray_logs
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_logs.RUNTIME_ENV | {
             "env_vars": s3_server.env | ray_logs.RUNTIME_ENV["env_vars"],
-            "worker_process_setup_hook": ray_logs.RUNTIME_ENV["worker_process_setup_hook"],
         })
 
 
