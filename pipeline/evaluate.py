@@ -497,8 +497,8 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
                            color=line.get_color(), label=f"{net}: real train vs real val")
     count = f"{sweep[0]['samples']} samples a point" if sweep else "no samples"
     left.set(xlabel="Inception-Score-like score (net in legend)", ylabel=f"FID ({fid_net})",
-             title=f"FID vs IS over the rejection sweep ({by}, {count})")
-    right.set(xlabel="recall", ylabel="precision", title=f"precision vs recall (k-NN) over the sweep ({by})")
+             title=f"FID vs IS over the rejection sweep\n({by}, {count})")
+    right.set(xlabel="recall", ylabel="precision", title=f"precision vs recall (k-NN) over the sweep\n({by})")
     for axes in (left, right):
         axes.grid(alpha=0.3)
         if axes.get_legend_handles_labels()[0]:

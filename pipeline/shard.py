@@ -23,7 +23,7 @@ from pipeline.storage import MANIFEST, Location
 
 NAME = "shard"
 SECTION = "dataset"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: images in shard_order (1: listing order, one class a shard); a version of another format is never grown from
 UPSTREAM: tuple[str, ...] = ()
 
 CLASSES = "classes.json"
@@ -166,12 +166,22 @@ def _plan(listing: Listing, classes: dict[str, int], base, shard_size: int, sour
             new[entry.split].append(entry)
     tasks = []
     for split in sorted(new):
-        entries = new[split]
+        entries = sorted(new[split], key=shard_order)
         for start in range(0, len(entries), shard_size):
             chunk = entries[start : start + shard_size]
             samples = tuple((e.key, classes[e.label_name], e.path) for e in chunk)
             tasks.append(ShardTask(split, next_index[split] + start // shard_size, samples, source, output))
     return tasks
+
+
+def shard_order(entry: Entry) -> bytes:
+    """Where an image goes among its split's new images: by a hash of its key, so a shard mixes the classes.
+
+    A listing comes class folder by class folder, and shards cut from it in that order held one class each:
+    a loader's shuffle buffer then saw one class at a time, and a classifier trained on such batches
+    learned the batch's BatchNorm statistics instead of the images (0.04 val top-1 at 0.9 train accuracy
+    on Fashion-MNIST). The hash keeps the order the same on every rerun and independent of the listing."""
+    return hashlib.sha256(entry.key.encode()).digest()
 
 
 def _class_index(listing: Listing, base) -> dict[str, int]:

@@ -17,7 +17,7 @@ from models import prior as priors
 from models.prior import CodePrior, PriorConfig
 from models.sampling import sample_level_fast, sample_uniforms
 from pipeline import registry, training
-from pipeline.checkpoints import load_model, model_from_state, save_model
+from pipeline.checkpoints import load_model, save_model
 from pipeline.codes import CodesLayout, code_pieces, rank_batches, read_codes, table_tensors
 from pipeline.config import PipelineConfig, TrainPriorConfig
 from pipeline.encode import code_files
@@ -79,30 +79,54 @@ def nll_bits(model: CodePrior, level: int, labels: torch.Tensor, codes: list[tor
 
 
 def train_loop(config: dict) -> None:
-    """Per-worker training of one level's prior on its share of the code tables."""
-    cfg: PipelineConfig = config["cfg"]
-    section = cfg.train_prior
-    level, name, layout = config["level"], config["name"], config["layout"]
+    """Per-worker training of each level's prior in `config["levels"]`, top first, in one worker group: one
+    group start for all levels. A level ends with its model file, which a restarted group keeps."""
+    section = config["cfg"].train_prior
+    dev = training.device(section)
+    tracking = training.worker_tracking(config)
+    evaluation = _evaluation_sets(config, section.val_samples) if ray.train.get_context().get_world_rank() == 0 else None
+    checkpoint = ray.train.get_checkpoint()
+    state = training.read_checkpoint_state(checkpoint) if checkpoint is not None else None
+    for level, name, prior_config in config["levels"]:
+        # After a restart, a level that ended before it is kept; the level that was running resumes.
+        if state is not None and kept_level(level_model_file(config["output"], name), name, prior_config,
+                                            section.steps) is not None:
+            continue
+        _train_level(config, level, name, prior_config, state if state and state.get("level") == name else None,
+                     tracking, evaluation, dev)
+    tracking.close()
+
+
+def level_model_file(output: Location, name: str) -> Location:
+    """Where a level's finished prior lives in the stage's output."""
+    return output / name / MODEL_FILE
+
+
+def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig, state: dict | None, tracking,
+                 evaluation: dict | None, dev) -> None:
+    """Train one level's prior to train_prior.steps (from `state` when it resumes), then write its model file."""
+    section = config["cfg"].train_prior
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    dev = training.device(section)
-    torch.manual_seed(section.seed)
+    torch.manual_seed(section.seed + level)
 
-    model = CodePrior(config["prior_config"]).to(dev)
+    model = CodePrior(prior_config).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
-    step = resumed_from = training.restore(model, optimizer)
+    step = resumed_from = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = resumed_from = state["step"]
     ddp_model = ray.train.torch.prepare_model(model)
     conditional = model.cfg.num_classes > 0
 
-    tracking = training.worker_tracking(config)
     throughput = training.Throughput(world)
-    evaluation = _evaluation_sets(config, section.val_samples) if rank == 0 else None
     # Each rank reads its own pieces of the code tables from storage, pass after pass: nothing goes
     # through Ray's object store and no read task waits for CPUs that the training workers hold. A
     # resumed run draws new orders (the seed includes the step it resumes from).
-    batches = rank_batches(config["pieces"], layout, section.level_batch(name), section.shuffle_buffer,
+    batches = rank_batches(config["pieces"], config["layout"], section.level_batch(name), section.shuffle_buffer,
                            (section.seed, level, resumed_from), rank, world)
-    running = []
+    running, val_metrics = [], {}
 
     while step < section.steps:
         labels, codes = next(batches)  # int16 until here
@@ -133,12 +157,16 @@ def train_loop(config: dict) -> None:
                 log.info("train_prior %s step %d/%d loss %.3f bits/dim %.0f images/s", name, step, section.steps,
                          metrics[f"{name}_train_loss_bits"], metrics[f"{name}_images_per_s"])
         validate = step % section.validate_every == 0 or step == section.steps
-        val_metrics = _validate(model, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
+        val_metrics = _validate(model, level, name, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
         if step % section.checkpoint_every == 0 or step == section.steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            state = {"level": name, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                      "seed": section.seed, "world_size": world}
             training.report({"step": step, "resumed_from": resumed_from, **val_metrics}, state)
-    tracking.close()
+    if rank == 0:
+        # A group restarted after the last report but before this file was written resumes at the last step.
+        val_metrics = val_metrics or _validate(model, level, name, config, evaluation, tracking, step, dev)
+        metrics = {"step": step, "resumed_from": resumed_from, **val_metrics}
+        save_model(level_model_file(config["output"], name), "prior", model, level=name, step=step, metrics=metrics)
 
 
 def _head(files: list[Location], rows: int) -> pa.Table:
@@ -163,9 +191,10 @@ def _evaluation_sets(config: dict, rows: int) -> dict:
 
 
 @torch.no_grad()
-def _validate(model: CodePrior, config: dict, evaluation: dict, tracking, step: int, dev) -> dict[str, float]:
+def _validate(model: CodePrior, level: int, name: str, config: dict, evaluation: dict, tracking, step: int,
+              dev) -> dict[str, float]:
     """Train/val NLL in bits per dimension, and a grid: reconstructions over this level resampled."""
-    name, level, section = config["name"], config["level"], config["cfg"].train_prior
+    section = config["cfg"].train_prior
     metrics = {
         f"{name}_{split}_nll_bits": nll_bits(model, level, *evaluation[split], section.batch_size, dev)
         for split in ("train", "val")
@@ -212,22 +241,6 @@ def kept_level(model_file: Location, name: str, prior_config: PriorConfig, steps
     return None
 
 
-def _train_level(cfg: PipelineConfig, ctx, level: int, name: str, prior_config: PriorConfig, files, layout,
-                 pieces) -> dict:
-    section = cfg.train_prior
-    loop_config = {
-        "cfg": cfg, "level": level, "name": name, "prior_config": prior_config, "layout": layout, "files": files,
-        "pieces": pieces, "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
-        "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(),
-    }
-    result, state = training.fit(train_loop, loop_config, section, ctx.output / name)
-    model = model_from_state("prior", dataclasses.asdict(prior_config), state["model"])
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    save_model(ctx.output / name / MODEL_FILE, "prior", model, level=name, step=state["step"], metrics=metrics)
-    return {"model": f"{name}/{MODEL_FILE}", "checkpoint": result.checkpoint.path, "steps": state["step"],
-            "prior_config": dataclasses.asdict(prior_config), "metrics": metrics}
-
-
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_prior
     files, layout = {}, None
@@ -247,18 +260,27 @@ def run(cfg: PipelineConfig, ctx) -> dict:
                          f"{section.num_workers} workers a batch of {batch_size} (train_prior.batch_size, "
                          "level_batch_size)")
 
-    pieces = code_pieces(files["train"], rows, section.num_workers)
+    # A level whose model file a crashed run finished is kept; the others train in one Ray Train run.
+    untrained = [(level, name, prior_config) for level, (name, prior_config) in enumerate(configs.items())
+                 if kept_level(level_model_file(ctx.output, name), name, prior_config, section.steps) is None]
+    checkpoint = None
+    if untrained:
+        loop_config = {
+            "cfg": cfg, "levels": untrained, "layout": layout, "files": files,
+            "pieces": code_pieces(files["train"], rows, section.num_workers),
+            "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
+            "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(),
+        }
+        result, _ = training.fit(train_loop, loop_config, section, ctx.output)
+        checkpoint = result.checkpoint.path
     levels = {}
-    for level, (name, prior_config) in enumerate(configs.items()):
-        model_file = ctx.output / name / MODEL_FILE
-        kept = kept_level(model_file, name, prior_config, section.steps)
-        if kept is not None:  # finished before a crash
-            levels[name] = kept
-            continue
-        levels[name] = _train_level(cfg, ctx, level, name, prior_config, files, layout, pieces)
-    for name, prior_config in configs.items():  # a level kept from a crashed run is registered with the others
-        registry.register(ctx, cfg, "prior", ctx.output / name / MODEL_FILE, prior_config, level=name)
+    for name, prior_config in configs.items():
+        levels[name] = kept_level(level_model_file(ctx.output, name), name, prior_config, section.steps)
+        if levels[name] is None:
+            raise RuntimeError(f"train_prior: the Ray Train run ended without the {name} level's model file "
+                               f"{level_model_file(ctx.output, name)}")
+        registry.register(ctx, cfg, "prior", level_model_file(ctx.output, name), prior_config, level=name)
     summary = {f"{name}_{split}_nll_bits": info["metrics"].get(f"{name}_{split}_nll_bits")
                for name, info in levels.items() for split in ("train", "val")}
     ctx.tracking.log_metrics({k: v for k, v in summary.items() if v is not None})
-    return {"levels": levels, "layout": dataclasses.asdict(layout), "nll_bits": summary}
+    return {"levels": levels, "checkpoint": checkpoint, "layout": dataclasses.asdict(layout), "nll_bits": summary}

@@ -20,7 +20,7 @@ def write(tmp_path, text: str) -> Path:
 MINIMAL = "storage: {root: runs/x}\ndataset: {source: data/x}\n"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "imagenet256.yaml", "ffhq1024.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "fashion.yaml", "imagenet256.yaml", "ffhq1024.yaml"])
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.name == name.removesuffix(".yaml")
@@ -30,6 +30,14 @@ def test_shipped_configs_are_valid(name):
 def test_paper_settings():
     assert load_config(CONFIGS / "imagenet256.yaml").dataset.image_size == 256
     assert load_config(CONFIGS / "ffhq1024.yaml").dataset.image_size == 1024
+
+
+def test_the_quality_run_measures_at_valid_counts():
+    cfg = load_config(CONFIGS / "fashion.yaml")
+    # More Inception images a set than its 2,048 feature dimensions; 10,000 accepted samples for the classifier's.
+    assert cfg.evaluate.max_images_per_net["inception_v3"] > 2048
+    assert cfg.evaluate.max_real_images == 10_000
+    assert cfg.sample.samples_per_class * 10 * cfg.sample.rejection.keep_fraction == 10_000
 
 
 def test_unknown_key_names_file_key_and_allowed_keys(tmp_path):

@@ -122,7 +122,7 @@ def test_shard_with_transient_faults_makes_what_a_clean_run_makes(ray_local, s3_
 
 def test_a_persistent_fault_fails_the_shard_stage_and_rejects_nothing(ray_local, s3_env, s3_corpus, fault_proxy,
                                                                        tracking_uri):
-    image = "train/square/train-000003.jpg"
+    image = "train/square/train-000002.jpg"  # in the third train shard (shard_order), after two are written
     proxy = fault_proxy(persistent=(f"/faults/corpus/{image}",), kinds=("slowdown", "expired_token"))
     cfg = _shard_config(s3_env.uri("faults/outage"), s3_corpus, tracking_uri, proxy.endpoint,
                         retry={"attempts": 3, "backoff_s": 0.001, "max_backoff_s": 0.01})

@@ -99,16 +99,27 @@ def test_inception_score_known_answers():
     # Every sample uniform over the classes: p(y|x) = p(y), KL 0, IS 1.
     mean, std = inception_score(torch.zeros(100, 10), splits=5)
     assert mean == pytest.approx(1.0) and std == pytest.approx(0.0, abs=1e-12)
-    # Confident one-hot predictions spread evenly over N classes: IS = N in every split.
+    # Confident one-hot predictions spread evenly over N classes: IS = N.
     for classes in (2, 10, 1000):
         logits = torch.full((4 * classes, classes), -1e4)
         logits[torch.arange(4 * classes), torch.arange(4 * classes) % classes] = 0.0
-        mean, std = inception_score(logits, splits=4)
+        mean, std = inception_score(logits, splits=1)
         assert mean == pytest.approx(classes, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
     # All confident on one class: no diversity, IS 1.
     logits = torch.full((20, 5), -1e4)
     logits[:, 3] = 0
     assert inception_score(logits.numpy(), splits=2)[0] == pytest.approx(1.0)
+
+
+def test_inception_score_splits_are_random_parts_not_runs_of_rows():
+    # Confident predictions, 100 of each of 10 classes, grouped by class as the sample stage draws them:
+    # consecutive parts would each hold one class and score 1.
+    logits = torch.full((1000, 10), -1e4)
+    logits[torch.arange(1000), torch.arange(1000) // 100] = 0.0
+    mean, _ = inception_score(logits, splits=10)
+    assert mean > 9.0
+    shuffled = logits[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    assert inception_score(shuffled, splits=10)[0] == pytest.approx(mean, rel=0.05)
 
 
 def test_inception_score_lies_between_one_and_the_class_count():
@@ -191,6 +202,9 @@ def test_fid_inception_loads_offline_without_importing_its_package(images):
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
     assert (features >= 0).all()  # pool3 after ReLU
     assert not torch.allclose(features[0], features[1])
+    # On a CPU the module runs frozen and fused, on channels-last input: the same features as the plain module.
+    with torch.inference_mode():
+        assert torch.allclose(features, net.module(net.preprocess(images[:2])), atol=1e-4)
     # uint8 input is the same image; a configured path (here as a file:// URI) overrides the packaged one.
     as_uint8 = ((images[:1] + 1) * 127.5).round().to(torch.uint8)
     override = InceptionV3FID(f"file://{path}")

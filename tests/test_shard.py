@@ -100,6 +100,10 @@ def test_local_end_to_end_with_bad_files(ray_local, corpus, tracking_uri, tmp_pa
         assert manifest["classes"][int(sample["cls"])] == label_name
     index = pq.read_table(io.BytesIO((result.location / "index.parquet").read_bytes()))
     assert index.num_rows == manifest["counts"]["accepted"]
+    # Every shard mixes the classes (the listing's class-by-class order gave each shard one class).
+    for url in urls:
+        labels = [int(sample["cls"]) for sample in wds.WebDataset([url], shardshuffle=False)]
+        assert len(set(labels)) >= 3, (url, labels)
 
     # MLflow: a parent run and the stage's nested run, with params, tags, metrics and the manifest.
     client = MlflowClient(tracking_uri)
@@ -181,6 +185,15 @@ def test_growth_is_append_only(ray_local, tracking_uri, tmp_path):
     assert set(Location(v2.location.uri).list_files()) == {
         MANIFEST, "index.parquet", "classes.json", *(f"{s['split']}/{s['name'][:-4]}.{e}" for s in new_shards for e in ("tar", "json"))
     }  # fmt: skip
+
+    # Versions of another shard format (1: listing order, one class a shard) are never grown from: the next
+    # version shards the whole corpus again, in the current order.
+    for version in (v1, v2):
+        (version.location / MANIFEST).write_json((version.location / MANIFEST).read_json() | {"format_version": 1})
+    demo_data.synthetic(source, per_class=1, val_per_class=1, size=(40, 40), classes=4, first_index=15)
+    v3 = run_pipeline(cfg, only="shard")["shard"]
+    assert v3.manifest["base"] is None and all(s["dataset"] == v3.fingerprint for s in v3.manifest["shards"])
+    assert v3.manifest["counts"]["accepted"] == len(v2_index) + 4 * 2
 
 
 def test_verify_finds_damage_and_cli(ray_local, corpus, tracking_uri, tmp_path, capsys):

@@ -38,33 +38,36 @@ def test_priors_learn_below_the_uniform_baseline(tiny_pipeline):
 
 
 @pytest.mark.slow
-def test_a_rerun_keeps_a_finished_level_checks_it_and_a_killed_worker_resumes_from_its_checkpoint(
+def test_one_worker_group_trains_every_level_and_a_restarted_group_keeps_a_finished_one(
         tiny_pipeline, tmp_path, monkeypatch, caplog):
     from pipeline.runner import pipeline_status
     from pipeline.storage import Location
     from pipeline.train_prior import MODEL_FILE
 
     cfg = tiny_pipeline.config(train_prior={"seed": 7, "max_failures": 1, "sample_grid": 0})
-    # A crashed run left model files. The top one is the session's top prior (the same PriorConfig and 30
-    # steps: kept, sparing a fit); the bottom one is that top prior too, so not this level's model:
-    # trained again.
+    # A crashed run left a bottom model file that is the session's top prior: not this level's model, so
+    # trained again, in the one Ray Train run that trains the top level first.
     session = run_pipeline(tiny_pipeline.config(), only="train_prior")["train_prior"]
     output = Location(next(row["output"] for row in pipeline_status(cfg) if row["stage"] == "train_prior"))
-    top = (session.location / session.manifest["levels"]["top"]["model"]).read_bytes()
-    for level in ("top", "bottom"):
-        (output / level / MODEL_FILE).write_bytes(top)
+    (output / "bottom" / MODEL_FILE).write_bytes((session.location / session.manifest["levels"]["top"]["model"]).read_bytes())
 
+    # A worker killed at the bottom level's step 15: the restarted group keeps the top level it finished
+    # (its model file) and resumes the bottom one from its checkpoint of step 10.
     marker = tmp_path / "killed"
     monkeypatch.setenv("VQ2_FAULT_INJECT", f"train_prior.bottom:15:1:{marker}")
     manifest = run_pipeline(cfg, only="train_prior")["train_prior"].manifest
-    assert manifest["levels"]["top"]["steps"] == 30 and "checkpoint" not in manifest["levels"]["top"]
-    assert manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
     assert f"not keeping {output / 'bottom' / MODEL_FILE}: it holds the 'top' level" in caplog.text
     assert marker.exists()
-    assert manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
-    assert manifest["levels"]["bottom"]["steps"] == 30
+    assert manifest["levels"]["top"]["steps"] == 30 and manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
+    assert manifest["levels"]["bottom"]["steps"] == 30 and manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
+    assert manifest["checkpoint"].endswith(f"{output.path}/ray_train/{Location(manifest['checkpoint']).name}")
     _, extra = load_model(output / "bottom" / MODEL_FILE, "prior")
     assert extra["level"] == "bottom"
+    client = MlflowClient(tiny_pipeline.tracking_uri)
+    top_steps = [m.step for m in client.get_metric_history(manifest["run_id"], "top_train_loss_bits")]
+    assert top_steps and len(top_steps) == len(set(top_steps))  # the top level was not trained again
+    bottom_steps = [m.step for m in client.get_metric_history(manifest["run_id"], "bottom_train_loss_bits")]
+    assert max(bottom_steps) == 30
 
 
 def test_a_kept_model_file_must_match_the_level_config_and_steps(tmp_path, caplog):
