@@ -62,6 +62,7 @@ class FeatureNet:
     name: str
     feature_dim: int
     num_classes: int | None = None
+    cpu_pass_size: int | None = None  # on a CPU, at most this many images a forward pass (None: the whole batch)
 
     def __init__(self, module: torch.nn.Module):
         self.module = module.eval()
@@ -86,9 +87,13 @@ class FeatureNet:
 
     @torch.inference_mode()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One pass: (features (B, D) float32 on CPU, logits (B, C) or None)."""
-        features, logits = self.forward(self.preprocess(images))
-        return features.float().cpu(), None if logits is None else logits.float().cpu()
+        """(features (B, D) float32 on CPU, logits (B, C) or None), in passes of `cpu_pass_size` on a CPU."""
+        on_cpu = self.device.type == "cpu" and self.cpu_pass_size is not None
+        passes = [self.forward(self.preprocess(part))
+                  for part in (images.split(self.cpu_pass_size) if on_cpu and len(images) else [images])]
+        features = torch.cat([features for features, _ in passes]).float().cpu()
+        logits = None if passes[0][1] is None else torch.cat([logits for _, logits in passes]).float().cpu()
+        return features, logits
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(images)[0]
@@ -182,6 +187,9 @@ class InceptionV3FID(FeatureNet):
     feature_dim = 2048
     num_classes = None
     size = (299, 299)
+    # Measured on this project's 2-core CPU (AMD EPYC, one actor a core): 16 images a pass give 1.2x the
+    # images/s of 64, whose 299 px activations do not stay in cache.
+    cpu_pass_size = 16
 
     def __init__(self, weights: str | Path | Location | None = None, sha256: str | None = None):
         data = _read_weights(weights if weights is not None else fid_inception_path(), sha256)

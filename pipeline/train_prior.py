@@ -112,11 +112,7 @@ def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig,
 
     model = CodePrior(prior_config).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
-    step = resumed_from = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = resumed_from = state["step"]
+    step = resumed_from = 0 if state is None else training.load_state(model, optimizer, state)
     ddp_model = ray.train.torch.prepare_model(model)
     conditional = model.cfg.num_classes > 0
 

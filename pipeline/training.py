@@ -92,9 +92,11 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Load the latest checkpoint of this run (after a restart or a resume) into model and optimizer;
     returns the step to continue from (0 for a fresh run)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    state = read_checkpoint_state(checkpoint)
+    return 0 if checkpoint is None else load_state(model, optimizer, read_checkpoint_state(checkpoint))
+
+
+def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:
+    """Load a checkpoint state (`model`, `optimizer`, `step`) into model and optimizer; returns its step."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]

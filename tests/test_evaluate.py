@@ -244,6 +244,34 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     assert all(images.dtype == torch.uint8 for images, _ in batches)
 
 
+def test_a_metric_task_decodes_only_the_images_it_reads(tmp_path):
+    """A task reads a few keys (or positions) of a large shard: the others are skipped before decoding, so a
+    corrupt image elsewhere in the tar is not touched (and a whole shard is not decoded for 64 images)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pipeline.evaluate import _batches, read_images
+    from pipeline.images import RejectedImage
+
+    path = tmp_path / "shard.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(6):
+            jpeg = io.BytesIO()
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(jpeg, "JPEG")
+            writer.write({"__key__": f"c{i % 2}/img-{i}", "jpg": b"not an image" if i == 3 else jpeg.getvalue(),
+                          "cls": str(i % 2).encode()})
+    keys, images, labels = read_images(str(path), None, None, keys=["c1/img-5", "c0/img-0"])
+    assert keys == ["c1/img-5", "c0/img-0"] and labels.tolist() == [1, 0]
+    assert images[:, 0, 4, 4].tolist() == pytest.approx([200, 0], abs=8)
+    assert read_images(str(path), None, None, positions=[1, 4])[0] == ["c1/img-1", "c0/img-4"]
+    batches = list(_batches([{"uri": str(path), "positions": [0, 1, 2, 4, 5]}], None, None, 2, 4))
+    assert [len(labels) for _, labels in batches] == [4, 1]
+    with pytest.raises(RejectedImage, match="not an image"):
+        read_images(str(path), None, None)
+
+
 def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     """A slow net sees the first images of each set's seeded order up to its cap (of the samples, accepted ones
     only); the floors' real images come from the training split, of the sampled classes."""
