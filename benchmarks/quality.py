@@ -45,9 +45,9 @@ def metric_rows(metrics: dict) -> list[str]:
     return lines
 
 
-def targets(metrics: dict, sweep: list[dict]) -> list[str]:
+def targets(metrics: dict, sweep: list[dict], stage_minutes: float) -> list[str]:
     """Issue 14's targets for this run, each with its number and whether it is met."""
-    checks = []
+    checks = [("every stage within 60 minutes on the 2-core machine", f"{stage_minutes:.1f} min", stage_minutes <= 60)]
     for level in ("top", "bottom"):
         train, val = metrics.get(f"{level}_train_nll_bits"), metrics.get(f"{level}_val_nll_bits")
         gap = (val - train) / train
@@ -130,7 +130,7 @@ def main():
     print()
     print("\n".join(metric_rows(metrics)))
     print("\n## Targets\n")
-    print("\n".join(targets(metrics, sweep)))
+    print("\n".join(targets(metrics, sweep, total / 60)))
 
     print(f"\n## Rejection sweep ({summary['sweep_by']}, every point subsampled to the same count per class)\n")
     print(row("keep fraction", "samples", "FID (classifier)", "precision", "recall", "IS (classifier)",

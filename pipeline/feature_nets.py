@@ -187,8 +187,8 @@ class InceptionV3FID(FeatureNet):
     feature_dim = 2048
     num_classes = None
     size = (299, 299)
-    # Measured on this project's 2-core CPU (AMD EPYC, one actor a core): 16 images a pass give 1.2x the
-    # images/s of 64, whose 299 px activations do not stay in cache.
+    # On this project's 2-core CPU (AMD EPYC) 16 images a pass give 1.14x (one thread) to 1.24x (two) the
+    # images/s of one pass of 64, whose 299 px activations do not stay in cache (benchmarks/feature_pass.py).
     cpu_pass_size = 16
 
     def __init__(self, weights: str | Path | Location | None = None, sha256: str | None = None):
