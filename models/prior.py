@@ -178,10 +178,11 @@ class GatedLayer(nn.Module):
         """Fix what the row's h pre-activations share before its first code: the v stack one row
         up (down-shifted into h) with the convolutions' biases, and the class and condition biases."""
         cache = self.cache
-        h_bias = cache.h_from_above  # (W, B, 2C)
-        if bias is not None:
-            h_bias = h_bias + bias[:, bias.shape[1] // 2 :, 0].permute(2, 0, 1)  # (W or 1, B, 2C)
-        cache.h_bias = h_bias.unbind(0)  # one (B, 2C) per column
+        if bias is None:
+            h_bias = cache.h_from_above.clone()  # (W, B, 2C)
+        else:
+            h_bias = cache.h_from_above + bias[:, bias.shape[1] // 2 :, 0].permute(2, 0, 1)  # (W or 1, B, 2C)
+        cache.h_bias = h_bias.unbind(0)  # one (B, 2C) per column, the row's own: step adds into it
         cache.row_bias = bias
 
     def write(self, column: int, x: torch.Tensor) -> None:
@@ -195,10 +196,10 @@ class GatedLayer(nn.Module):
         be written after the step; every other layer's window ends at the column itself.
         """
         cache = self.cache
-        h_pre = torch.addmm(cache.h_bias[column], cache.window_at[column], cache.h_weight)  # (B, 2C)
+        h_pre = cache.h_bias[column].addmm_(cache.window_at[column], cache.h_weight)  # (B, 2C)
         h_pre[:, : h_pre.shape[1] // 2].tanh_()
         gated = F.glu(h_pre, 1)  # gate(h_pre) in two ops: tanh(a) * sigmoid(b)
-        inner = F.elu(torch.addmm(cache.in_bias, gated, cache.in_weight))  # (B, R)
+        inner = F.elu(torch.addmm(cache.in_bias, gated, cache.in_weight), inplace=True)  # (B, R)
         out = torch.addmm(cache.out_bias, inner, cache.out_weight)  # (B, C)
         return out if self.first else out.add_(cache.input_at[column])
 
@@ -261,7 +262,10 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(C, 3 * C)
         self.proj = nn.Linear(C, C)
         self.dropout = cfg.dropout
-        self.keys = self.values = None  # (B, heads, positions, C // heads) while sampling
+        # While sampling: keys (B * heads, C // heads, positions), values (B * heads, positions, C // heads),
+        # a view of each position's slot in them, and the projections as matrices.
+        self.keys = self.values = self.key_at = self.value_at = None
+        self.qkv_weight = self.qkv_bias = self.proj_weight = None
 
     def forward(self, h):
         B, C, H, W = h.shape
@@ -276,22 +280,35 @@ class CausalSelfAttention(nn.Module):
 
     # Sampling, one position at a time: keys and values of every position so far are cached.
     def start_sampling(self, batch: int, positions: int, device, dtype) -> None:
-        d = self.qkv.in_features // self.num_heads
-        self.keys = torch.zeros(batch, self.num_heads, positions, d, device=device, dtype=dtype)
-        self.values = torch.zeros_like(self.keys)
+        C, heads = self.qkv.in_features, self.num_heads
+        d = C // heads
+        # The scores' 1/sqrt(d) folded into the query rows of the projection.
+        scale = torch.ones(3 * C, device=device, dtype=dtype)
+        scale[:C] = d ** -0.5
+        self.qkv_weight, self.qkv_bias = (self.qkv.weight * scale[:, None]).t(), self.qkv.bias * scale
+        self.proj_weight = self.proj.weight.t()
+        # Keys transposed, so that a query's scores over all positions are one batched matrix product.
+        self.keys = torch.zeros(batch * heads, d, positions, device=device, dtype=dtype)
+        self.values = torch.zeros(batch * heads, positions, d, device=device, dtype=dtype)
+        # Views made once: each position's key and value slot (B, heads, d).
+        self.key_at = [self.keys[:, :, p].view(batch, heads, d) for p in range(positions)]
+        self.value_at = [self.values[:, p].view(batch, heads, d) for p in range(positions)]
 
     def stop_sampling(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.key_at = self.value_at = None
+        self.qkv_weight = self.qkv_bias = self.proj_weight = None
 
     def step(self, h: torch.Tensor, position: int) -> torch.Tensor:
         """Output (B, C) at a raster position from its input h (B, C), caching its key and value."""
         B, C = h.shape
-        qkv = self.qkv(self.norm(h)).view(B, 3, self.num_heads, 1, C // self.num_heads)
-        q, k, v = qkv.unbind(1)  # (B, heads, 1, d)
-        self.keys[:, :, position : position + 1] = k
-        self.values[:, :, position : position + 1] = v
-        y = F.scaled_dot_product_attention(q, self.keys[:, :, : position + 1], self.values[:, :, : position + 1])
-        return h + self.proj(y.view(B, C))
+        x = F.layer_norm(h, (C,), self.norm.weight, self.norm.bias, self.norm.eps)
+        q, k, v = torch.addmm(self.qkv_bias, x, self.qkv_weight).view(B, 3, self.num_heads, -1).unbind(1)
+        self.key_at[position].copy_(k)
+        self.value_at[position].copy_(v)
+        n = position + 1
+        scores = torch.bmm(q.reshape(B * self.num_heads, 1, -1), self.keys[:, :, :n])  # (B * heads, 1, n)
+        y = torch.bmm(scores.softmax(-1), self.values[:, :n])  # (B * heads, 1, d)
+        return torch.addmm(self.proj.bias, y.view(B, C), self.proj_weight).add_(h)
 
 
 class ConditionStack(nn.Module):
@@ -416,8 +433,7 @@ class CodePrior(nn.Module):
 
     def write_code(self, row: int, column: int, code: torch.Tensor) -> None:
         """Feed the code (B,) drawn at a position to the first layer's horizontal stack."""
-        x = self.embed(code[:, None, None], slice(row, row + 1), slice(column, column + 1))  # (B, C, 1, 1)
-        self.layers[0].write(column, x.flatten(1))
+        self.layers[0].write(column, self.embedding(code) + self.position[:, row, column])  # as embed does
 
     def end_row(self, row: int, codes: torch.Tensor) -> None:
         """Advance every layer's vertical stack by the completed row's codes (B, W)."""

@@ -163,7 +163,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     model_config = classifier_config(section, len(dataset.classes))
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
                    "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec()}
-    result, state = training.fit(train_loop, loop_config, section, ctx.output)
+    result = training.fit(train_loop, loop_config, section, ctx.output)
+    state = training.read_checkpoint_state(result.checkpoint)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     val = {k: metrics[f"val_{k}"] for k in ("top1", "top5", "loss") if f"val_{k}" in metrics}
     model = model_from_state("classifier", dataclasses.asdict(model_config), state["model"])

@@ -267,8 +267,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
             "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
             "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(),
         }
-        result, _ = training.fit(train_loop, loop_config, section, ctx.output)
-        checkpoint = result.checkpoint.path
+        checkpoint = training.fit(train_loop, loop_config, section, ctx.output).checkpoint.path
     levels = {}
     for name, prior_config in configs.items():
         levels[name] = kept_level(level_model_file(ctx.output, name), name, prior_config, section.steps)

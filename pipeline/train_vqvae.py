@@ -149,7 +149,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     model_config.grid_shapes(cfg.dataset.image_size)  # fails early if the size does not divide into the levels
     loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
                    "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec()}
-    result, state = training.fit(train_loop, loop_config, section, ctx.output)
+    result = training.fit(train_loop, loop_config, section, ctx.output)
+    state = training.read_checkpoint_state(result.checkpoint)
     model = model_from_state("vqvae", dataclasses.asdict(model_config), state["model"])
     save_model(ctx.output / MODEL_FILE, "vqvae", model, step=state["step"], image_size=cfg.dataset.image_size)
     registry.register(ctx, cfg, "vqvae", ctx.output / MODEL_FILE, model_config, image_size=cfg.dataset.image_size)

@@ -119,7 +119,7 @@ def image_shards(dataset: Dataset, section: TrainerConfig, stage: str, image_siz
 
 
 def fit(train_loop, loop_config: dict, section: TrainerConfig, output: Location, datasets: dict | None = None):
-    """Run a TorchTrainer with the section's scaling and checkpoints under `output`; (result, final state)."""
+    """Run a TorchTrainer with the section's scaling and checkpoints under `output`; its Result."""
     trainer = TorchTrainer(
         train_loop,
         # The driver's node: rank 0 logs its machine's system metrics only when that is another one.
@@ -128,8 +128,7 @@ def fit(train_loop, loop_config: dict, section: TrainerConfig, output: Location,
         run_config=run_config(output, section),
         datasets=datasets,
     )
-    result = trainer.fit()
-    return result, read_checkpoint_state(result.checkpoint)
+    return trainer.fit()
 
 
 def report(metrics: dict, state: dict | None = None) -> None:

@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +233,25 @@ def start_local_ray(s3_server: S3Server) -> None:
         ray.init(num_cpus=2, include_dashboard=False, runtime_env=ray_logs.RUNTIME_ENV | {
             "env_vars": s3_server.env | ray_logs.RUNTIME_ENV["env_vars"],
         })
+
+
+@contextmanager
+def ray_cluster(s3_server: S3Server, head_cpus: int, worker_cpus: tuple[int, ...] = ()):
+    """A ray.cluster_utils.Cluster (a head and worker nodes of the given CPUs) in place of the session's
+    local Ray, which is put aside and started again afterwards; yields (cluster, worker nodes)."""
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    workers = [cluster.add_node(num_cpus=cpus) for cpus in worker_cpus]
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        start_local_ray(s3_server)
 
 
 @pytest.fixture

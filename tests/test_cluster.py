@@ -5,13 +5,11 @@ import threading
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
-from ray.cluster_utils import Cluster
 from ray.experimental.internal_kv import _internal_kv_get
 
-from conftest import section_config, start_local_ray
+from conftest import ray_cluster, section_config
 from pipeline import cluster
 from pipeline.config import RayConfig, load_config
 from pipeline.runner import run_pipeline, stages
@@ -117,16 +115,8 @@ def test_past_the_deadline_the_stage_fails_naming_what_it_needs_and_what_is_ther
 def one_cpu_cluster(s3_server):
     """A head with one CPU that runs the driver: too small for two encode actors until a node joins. The
     session's local Ray is put aside and started again afterwards."""
-    if ray.is_initialized():
-        ray.shutdown()
-    local = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    ray.init(address=local.address)
-    try:
+    with ray_cluster(s3_server, head_cpus=1) as (local, _):
         yield local
-    finally:
-        ray.shutdown()
-        local.shutdown()
-        start_local_ray(s3_server)
 
 
 @pytest.mark.slow

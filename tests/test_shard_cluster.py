@@ -4,10 +4,8 @@ import threading
 import time
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
-from conftest import start_local_ray
+from conftest import ray_cluster
 from pipeline import demo_data
 from pipeline.config import parse_config
 from pipeline.dataset import verify
@@ -19,17 +17,8 @@ from pipeline.storage import Location
 def two_node_cluster(s3_server):
     """A head without CPUs (only the driver) and two 1-CPU worker nodes; the session's local Ray is put aside
     and started again afterwards."""
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    ray.init(address=cluster.address)
-    try:
+    with ray_cluster(s3_server, head_cpus=0, worker_cpus=(1, 1)) as (cluster, workers):
         yield cluster, workers
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        start_local_ray(s3_server)
 
 
 @pytest.mark.slow
