@@ -64,17 +64,14 @@ def _flip(seed: int):
     return flip
 
 
-def _raw_samples(order: ShardOrder) -> list:
-    """The webdataset stages from a shard order to raw samples (a dict of one key's tar members),
-    the shards split over DataLoader workers (all of them outside a loader process)."""
-    return [order, wds.split_by_worker, _open_shards, wds.tariterators.tar_file_expander,
-            wds.tariterators.group_by_keys]
+# The webdataset stages from shard url dicts to raw samples (a dict of one key's tar members).
+TAR_SAMPLES = (_open_shards, wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys)
 
 
 def sample_pipeline(shards: list[Location], *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
                     augment: bool = False) -> wds.DataPipeline:
     """(key, image uint8 (3, H, W), label) samples; shards are split over DataLoader workers."""
-    stages = _raw_samples(ShardOrder(shards, seed, repeat))
+    stages = [ShardOrder(shards, seed, repeat), wds.split_by_worker, *TAR_SAMPLES]
     if shuffle_buffer:
         stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
     stages.append(wds.map(_to_tensors))
@@ -88,7 +85,7 @@ def read_tar(location: Location, wanted: Callable[[int, str], bool] | None = Non
     """(key, image uint8 (3, H, W), label) of the samples of one tar, in its order, those for which
     `wanted(position, key)` holds (every sample with None). The others are not decoded: a metric task
     reading 64 images of a 2,000-image shard would otherwise decode all 2,000."""
-    for position, sample in enumerate(wds.DataPipeline(*_raw_samples(ShardOrder([location])))):
+    for position, sample in enumerate(wds.DataPipeline(ShardOrder([location]), *TAR_SAMPLES)):
         if wanted is None or wanted(position, validate_key(sample["__key__"])):
             yield _to_tensors(sample)
 
