@@ -433,7 +433,8 @@ class CodePrior(nn.Module):
 
     def write_code(self, row: int, column: int, code: torch.Tensor) -> None:
         """Feed the code (B,) drawn at a position to the first layer's horizontal stack."""
-        self.layers[0].write(column, self.embedding(code) + self.position[:, row, column])  # as embed does
+        x = self.embed(code[:, None, None], slice(row, row + 1), slice(column, column + 1))  # (B, C, 1, 1)
+        self.layers[0].write(column, x.flatten(1))
 
     def end_row(self, row: int, codes: torch.Tensor) -> None:
         """Advance every layer's vertical stack by the completed row's codes (B, W)."""
