@@ -18,6 +18,11 @@ as JSON to $OUT/gpu_check.json when OUT is set.
     estimated to take longer than --sampler-budget-s is timed over the rows that fit and the
     whole grid extrapolated from them (the `extrapolated` column says so).
 (c) encode: VQVAE.encode at 256x256, fp32 (as the encode stage runs) and bf16 autocast.
+(d) agree: issue 11's sampler rows on this device (benchmarks/sampling.py's priors, 128 channels,
+    8 layers, batch 8: top 32x32, lower 64x64): fast sampler over one forward pass, and how many
+    samples the forward pass's logits redraw exactly (the naive sampler's codes), with torch's
+    default float32 settings (TF32 convolutions) and with TF32 off. The samplers turn TF32 off
+    themselves (models.sampling.full_float32), so both rows should redraw every sample.
 """
 
 import argparse
@@ -29,7 +34,7 @@ import traceback
 import torch
 
 from models.prior import CodePrior, prior_imagenet256_bottom, prior_imagenet256_top, prior_tiny_lower, prior_tiny_top
-from models.sampling import sample_level_fast, sample_uniforms
+from models.sampling import draw, full_float32, sample_level_fast, sample_uniforms
 from models.vqvae import VQVAE, vqvae_imagenet256, vqvae_tiny
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a word in the device name.
@@ -202,6 +207,62 @@ def check_encode(args, device) -> list[dict]:
     return rows
 
 
+def redrawn_samples(prior, codes, uniforms, labels, condition) -> int:
+    """Samples whose every code a draw from one forward pass's logits gives again (what the naive sampler draws)."""
+    with full_float32():  # as the naive sampler runs its forward passes
+        logits = prior(codes, labels, condition)  # (B, K, H, W)
+    B, K, H, W = logits.shape
+    drawn = draw(logits.permute(0, 2, 3, 1).reshape(-1, K), uniforms.reshape(-1)).view(B, H, W)
+    return int((drawn == codes).flatten(1).all(1).sum())
+
+
+@torch.no_grad()
+def check_agree(args, device) -> list[dict]:
+    from sampling import build_priors  # benchmarks/sampling.py: the priors of its table
+
+    grid, batch = (8, 2) if args.quick else (32, 8)
+    with torch.device(device):
+        top, lower = build_priors(grid, channels=32 if args.quick else 128, layers=8, codebook=512)
+    labels = torch.arange(batch, device=device) % 10
+    defaults = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    settings = [("torch defaults", *defaults), ("TF32 off", False, False)] if device.type == "cuda" else [("fp32", *defaults)]
+    rows = []
+    for setting, conv_tf32, matmul_tf32 in settings:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+        codes_top = None
+        for name, prior in (("top (attention)", top), ("lower (conditional)", lower)):
+            H, W = prior.cfg.grid
+            row = {"part": "agree", "prior": name, "grid": f"{H}x{W}", "batch": batch, "setting": setting,
+                   "tf32_conv": torch.backends.cudnn.allow_tf32, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
+            try:
+                condition = None if prior is top else [codes_top]
+                (uniforms,) = sample_uniforms(range(batch), [H * W])
+                uniforms = uniforms.to(device)
+                fast_times, forward_times = [], []
+                for _ in range(1 + args.agree_repeat):  # the first round warms up kernels and handles
+                    synchronize(device)
+                    start = time.perf_counter()
+                    codes = sample_level_fast(prior, uniforms, labels, condition)
+                    synchronize(device)
+                    fast_times.append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    prior(codes, labels, condition)
+                    synchronize(device)
+                    forward_times.append(time.perf_counter() - start)
+                fast, forward = min(fast_times[1:]), min(forward_times[1:])
+                row.update(fast_s=fast, forward_s=forward, fast_over_forward=fast / forward,
+                           ms_per_position=1e3 * fast / (H * W),
+                           samples_redrawn=f"{redrawn_samples(prior, codes, uniforms, labels, condition)}/{batch}")
+                codes_top = codes if prior is top else codes_top
+            except Exception as error:
+                row["error"] = f"{type(error).__name__}: {error}"
+                traceback.print_exc()
+            rows.append(row)
+            print(row, flush=True)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
+    return rows
+
+
 TABLES = {
     "train_vqvae": ("(a) train_vqvae step: ImageNet-256 preset (tiny with --quick), Adam, clipping 1.0, random images", [
         ("batch", "batch", ""), ("size", "size", ""), ("bf16", "bf16", ""), ("images_per_s", "images/s", ".1f"),
@@ -218,6 +279,11 @@ TABLES = {
     "encode": ("(c) encode: VQVAE.encode, ImageNet-256 preset (tiny with --quick), random images", [
         ("batch", "batch", ""), ("size", "size", ""), ("bf16", "bf16", ""), ("images_per_s", "images/s", ".1f"),
         ("peak_memory_gib", "peak GiB", ".1f"), ("error", "error", ""),
+    ]),
+    "agree": ("(d) issue 11's sampler rows: benchmarks/sampling.py's priors (tiny with --quick), fastest of --agree-repeat", [
+        ("prior", "prior", ""), ("grid", "grid", ""), ("batch", "batch", ""), ("setting", "float32 setting", ""),
+        ("fast_s", "fast s", ".3f"), ("forward_s", "forward s", ".4f"), ("fast_over_forward", "fast/forward", ".0f"),
+        ("ms_per_position", "ms/position", ".2f"), ("samples_redrawn", "samples redrawn", ""), ("error", "error", ""),
     ]),
 }
 
@@ -244,14 +310,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --quick: a test of this script)")
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes")
-    parser.add_argument("--parts", nargs="+", default=["train", "sample", "encode"], choices=["train", "sample", "encode"])
+    parser.add_argument("--parts", nargs="+", default=["train", "sample", "encode", "agree"],
+                        choices=["train", "sample", "encode", "agree"])
     parser.add_argument("--train-batches", type=int, nargs="+", default=None)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=3)
     parser.add_argument("--channels-last", action="store_true", help="train in channels_last memory format")
     parser.add_argument("--sampler-batch", type=int, default=None)
-    parser.add_argument("--sampler-budget-s", type=float, default=60.0,
+    parser.add_argument("--sampler-budget-s", type=float, default=45.0,
                         help="seconds per prior: a grid estimated to take longer is timed over the rows that fit")
+    parser.add_argument("--agree-repeat", type=int, default=2, help="timed rounds of part (d), after one warm-up")
     parser.add_argument("--encode-batches", type=int, nargs="+", default=None)
     parser.add_argument("--encode-steps", type=int, default=5)
     args = parser.parse_args()
@@ -269,9 +337,10 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "train_vqvae": [], "sample": [], "encode": [],
+        "train_vqvae": [], "sample": [], "encode": [], "agree": [],
     }
-    parts = {"train": ("train_vqvae", check_train), "sample": ("sample", check_sampler), "encode": ("encode", check_encode)}
+    parts = {"train": ("train_vqvae", check_train), "sample": ("sample", check_sampler), "encode": ("encode", check_encode),
+             "agree": ("agree", check_agree)}
     for part in args.parts:
         key, check = parts[part]
         started = time.perf_counter()

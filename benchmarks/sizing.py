@@ -13,7 +13,8 @@ practice: they are convolution stacks at 32x32 to 256x256 with 64 to 512 channel
 layer than the transformer matmuls that reach 50-60%, with autoregressive attention and gated
 activations that are memory-bound; `--measure-gpu` measures it per model on the GPU at hand (the
 fast sampler is not a matmul workload: per position it reads every weight once, so its time is
-bounded by memory bandwidth and kernel launches, and its row uses that bound instead).
+bounded by memory bandwidth and kernel launches; its row gives the seconds per batch that
+benchmarks/gpu_check.sh measured, and that bound in the column of the assumed utilisation).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ GPU_BATCHES = {"train_vqvae": 8, "train_classifier": 64, "top": 64, "bottom": 32
 # batches of configs/imagenet256.yaml (--gpu replaces them): utilisation = counted FLOPs / time / 989 TFLOP/s.
 # At other batches on the same GPU: VQ-VAE 128 -> 2,931 images/s (8.6%); classifier 256 -> 7.9%; top prior
 # 32 -> 166 images/s (26.9%, 19.9 GiB); bottom prior 48 runs out of its 80 GB (24 -> 25.5%); encode 1,024 ->
-# 7,076 images/s (4.4%).
+# 7,076 images/s (4.4%). The fast sampler ("sample") and, beside it, the VQ-VAE in channels_last (128 -> 3,719
+# images/s, 11.0%; 256 -> 4,135, 12.2%) were measured on another H100 of the same kind by benchmarks/gpu_check.sh.
 GPU_MEASURED = {
     "device": "NVIDIA H100 80GB HBM3",
     "train_vqvae": {"batch": 8, "images_per_s": 598, "utilisation": 0.0176, "peak_gib": 0.3},
@@ -52,6 +54,7 @@ GPU_MEASURED = {
     "train_prior top": {"batch": 64, "images_per_s": 174, "utilisation": 0.281, "peak_gib": 34.7},
     "train_prior bottom": {"batch": 32, "images_per_s": 38.1, "utilisation": 0.262, "peak_gib": 56.4},
     "encode": {"batch": 256, "images_per_s": 6919, "utilisation": 0.0427, "peak_gib": 6.5},
+    "sample": {"batch": 64, "seconds_per_batch": 4.21 + 12.45, "peak_gib": 5.3},  # fp32: top 32x32 + bottom 64x64
 }
 
 # Measured by benchmarks/paper_scale.py on this project's 2-core CPU machine (the run reported in README;
@@ -349,8 +352,11 @@ def table(f: dict[str, float], work: dict[str, dict], measured: dict, gpu: dict,
             what = f"{w['real']:,} real + recon, {w['samples']:,} samples, CAS {w['cas_images']:,} images"
         key = stage.split()[0]
         if stage == "sample":
-            hours = assumed = sampler_bound_s(samples, w["batch"]) / 3600
-            on_gpu = "not measured; bound: weights read once per position"
+            assumed = sampler_bound_s(samples, w["batch"]) / 3600  # the column "at 35%" holds the bound here
+            run = gpu.get("sample")
+            hours = -(-samples // run["batch"]) * run["seconds_per_batch"] / 3600 if run else assumed
+            on_gpu = (f"{run['batch']}, {run['seconds_per_batch']:.1f} s a batch (both levels, fp32), "
+                      f"{run['peak_gib']:.1f} GiB" if run else "not measured; bound: weights read once per position")
         else:
             assumed = total / (H100_BF16_PEAK * UTILISATION) / 3600
             # evaluate's FLOPs are mostly its two CAS classifiers: the classifier's measured utilisation

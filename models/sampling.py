@@ -46,6 +46,22 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0,
 
 
 @contextmanager
+def full_float32():
+    """CUDA convolutions and matrix products in full float32 (TF32 off) inside the block, restored after.
+
+    The naive sampler's logits come from convolutions and the fast sampler's from matrix products.
+    torch's defaults run CUDA convolutions in TF32 (10-bit mantissa) but matrix products in float32,
+    and that difference flips codes: on an H100, 0 of 8 samples of a 64x64 prior came out equal.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextmanager
 def _eval_mode(module):
     was_training = module.training
     module.eval()
@@ -71,7 +87,7 @@ def sample_level_naive(prior: CodePrior, uniforms, labels=None, condition_codes=
     device = prior.embedding.weight.device
     uniforms = uniforms.to(device)
     codes = torch.zeros(len(uniforms), H, W, dtype=torch.long, device=device)
-    with _eval_mode(prior):
+    with _eval_mode(prior), full_float32():
         for p in range(min(H * W, max_positions or H * W)):
             r, c = divmod(p, W)
             logits = prior(codes, labels, condition_codes)[:, :, r, c]
@@ -89,7 +105,7 @@ def sample_level_fast(prior: CodePrior, uniforms, labels=None, condition_codes=N
     uniforms = uniforms.to(device)
     codes = torch.zeros(len(uniforms), H, W, dtype=torch.long, device=device)
     n = min(H * W, max_positions or H * W)
-    with _eval_mode(prior), _sampling(prior, len(uniforms)):
+    with _eval_mode(prior), full_float32(), _sampling(prior, len(uniforms)):
         condition = prior.condition_features(condition_codes)
         for r in range(H):
             prior.start_row(r, labels, condition)

@@ -42,6 +42,28 @@ def test_partial_sampling_agrees_too():
         assert torch.equal(sample_level_naive(top, u, labels, max_positions=n), sample_level_fast(top, u, labels, max_positions=n))
 
 
+def test_samplers_run_in_full_float32_and_restore_the_settings(monkeypatch):
+    # On a GPU, torch's default TF32 convolutions made the naive sampler's logits differ from the fast
+    # sampler's float32 matrix products and flipped codes (an H100: 0 of 8 64x64 samples equal).
+    top = _priors()[0]
+    seen = []
+    record = lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+    top.register_forward_hook(record)
+    step = top.step
+    monkeypatch.setattr(top, "step", lambda *a: (record(), step(*a))[1])
+    (u,) = sample_uniforms([1], [20])
+    defaults = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # both TF32, as a user may set
+    try:
+        sample_level_naive(top, u, torch.tensor([1]), max_positions=3)
+        sample_level_fast(top, u, torch.tensor([1]), max_positions=3)
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = defaults
+    assert len(seen) == 6 and set(seen) == {(False, False)}
+    assert after == (True, True)
+
+
 def test_a_sample_is_reproduced_alone_from_its_seed():
     priors = _priors()
     batch = sample_codes(priors, torch.tensor([1, 2, 3]), [101, 102, 103])
