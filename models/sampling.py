@@ -41,7 +41,8 @@ def draw(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float = 1.0,
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     cdf = logits.softmax(-1).cumsum(-1)
-    target = (uniforms * cdf[:, -1]).unsqueeze(1)
+    # Above 0, so that a uniform of exactly 0 cannot pick a leading code of probability 0 (masked by top-k).
+    target = (uniforms * cdf[:, -1]).clamp_min(torch.finfo(cdf.dtype).tiny).unsqueeze(1)
     return torch.searchsorted(cdf, target).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
 

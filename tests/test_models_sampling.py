@@ -120,6 +120,16 @@ def test_draw_honours_top_k_and_temperature():
         draw(logits, u, temperature=0)
 
 
+def test_draw_never_picks_a_code_of_probability_zero():
+    # A uniform of exactly 0.0 (probability 2^-53 a draw) used to pick code 0 whatever its probability.
+    logits = torch.tensor([[0.0, 5.0, 4.0, 1.0], [-1e4, 0.0, 0.0, 0.0]])
+    at_ends = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)
+    for u in at_ends:
+        uniforms = u.expand(2)
+        assert draw(logits, uniforms, top_k=2)[0].item() in (1, 2)  # top-2 keeps codes 1 and 2
+        assert draw(logits, uniforms)[1].item() != 0  # exp(-1e4) is 0 in float64
+
+
 def test_sample_images_decodes_every_level():
     torch.manual_seed(0)
     vqvae = VQVAE(vqvae_tiny())
