@@ -72,25 +72,27 @@ def _eval_mode(module):
         module.train(was_training)
 
 
-def _check_inputs(prior: CodePrior, labels, uniforms):
+def _start_level(prior: CodePrior, uniforms, labels, max_positions) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The checked inputs of a sampler: uniforms on the prior's device, a (B, H, W) grid of codes to fill,
+    and how many positions to draw."""
     if prior.cfg.num_classes and labels is None:
         raise ValueError("this prior is class-conditional: pass labels")
-    if uniforms.shape[1] != prior.cfg.grid[0] * prior.cfg.grid[1]:
+    H, W = prior.cfg.grid
+    if uniforms.shape[1] != H * W:
         raise ValueError(f"need one uniform per position of the {prior.cfg.grid} grid, got {uniforms.shape[1]}")
+    device = prior.embedding.weight.device
+    codes = torch.zeros(len(uniforms), H, W, dtype=torch.long, device=device)
+    return uniforms.to(device), codes, min(H * W, max_positions or H * W)
 
 
 @torch.no_grad()
 def sample_level_naive(prior: CodePrior, uniforms, labels=None, condition_codes=None,
                        temperature=1.0, top_k=None, max_positions=None) -> torch.Tensor:
     """Reference sampler: one full forward pass of the prior for every position."""
-    _check_inputs(prior, labels, uniforms)
-    H, W = prior.cfg.grid
-    device = prior.embedding.weight.device
-    uniforms = uniforms.to(device)
-    codes = torch.zeros(len(uniforms), H, W, dtype=torch.long, device=device)
+    uniforms, codes, n = _start_level(prior, uniforms, labels, max_positions)
     with _eval_mode(prior), full_float32():
-        for p in range(min(H * W, max_positions or H * W)):
-            r, c = divmod(p, W)
+        for p in range(n):
+            r, c = divmod(p, prior.cfg.grid[1])
             logits = prior(codes, labels, condition_codes)[:, :, r, c]
             codes[:, r, c] = draw(logits, uniforms[:, p], temperature, top_k)
     return codes
@@ -100,12 +102,8 @@ def sample_level_naive(prior: CodePrior, uniforms, labels=None, condition_codes=
 def sample_level_fast(prior: CodePrior, uniforms, labels=None, condition_codes=None,
                       temperature=1.0, top_k=None, max_positions=None) -> torch.Tensor:
     """Cached sampler: draws the same codes as sample_level_naive at about one forward pass of cost."""
-    _check_inputs(prior, labels, uniforms)
+    uniforms, codes, n = _start_level(prior, uniforms, labels, max_positions)
     H, W = prior.cfg.grid
-    device = prior.embedding.weight.device
-    uniforms = uniforms.to(device)
-    codes = torch.zeros(len(uniforms), H, W, dtype=torch.long, device=device)
-    n = min(H * W, max_positions or H * W)
     with _eval_mode(prior), full_float32(), _sampling(prior, len(uniforms)):
         condition = prior.condition_features(condition_codes)
         for r in range(H):
