@@ -4,6 +4,7 @@
     python benchmarks/sizing.py --paper-scale run.json      # bytes and peaks from a `paper_scale.py --json` run
     python benchmarks/sizing.py --gpu gpu.json              # GPU-hours at the utilisation measured on a GPU
     python benchmarks/sizing.py --measure-gpu --out gpu.json   # on a GPU: each model's step at its per-GPU batch
+    python benchmarks/sizing.py --measure-gpu --channels-last  # the same in channels_last memory format
 
 FLOPs per image are counted with torch's FlopCounterMode (forward and backward for a training step) on
 the models of configs/imagenet256.yaml; the work per stage (steps x global batch, images, samples)
@@ -47,14 +48,19 @@ GPU_BATCHES = {"train_vqvae": 8, "train_classifier": 64, "top": 64, "bottom": 32
 # 32 -> 166 images/s (26.9%, 19.9 GiB); bottom prior 48 runs out of its 80 GB (24 -> 25.5%); encode 1,024 ->
 # 7,076 images/s (4.4%). The fast sampler ("sample") and, beside it, the VQ-VAE in channels_last (128 -> 3,719
 # images/s, 11.0%; 256 -> 4,135, 12.2%) were measured on another H100 of the same kind by benchmarks/gpu_check.sh.
+# configs/imagenet256.yaml trains the VQ-VAE and the classifier in channels_last: their rows are a later run with
+# --channels-last; the same run without it gave 433 images/s (1.3%) and 477 (7.8%); the priors 1.09x (top) and
+# 0.96x (bottom) in channels_last, which they do not use.
 GPU_MEASURED = {
     "device": "NVIDIA H100 80GB HBM3",
-    "train_vqvae": {"batch": 8, "images_per_s": 598, "utilisation": 0.0176, "peak_gib": 0.3},
-    "train_classifier": {"batch": 64, "images_per_s": 479, "utilisation": 0.0781, "peak_gib": 8.9},
+    "train_vqvae": {"batch": 8, "images_per_s": 487, "utilisation": 0.0143, "peak_gib": 0.3},
+    "train_classifier": {"batch": 64, "images_per_s": 1124, "utilisation": 0.1836, "peak_gib": 8.8},
     "train_prior top": {"batch": 64, "images_per_s": 174, "utilisation": 0.281, "peak_gib": 34.7},
     "train_prior bottom": {"batch": 32, "images_per_s": 38.1, "utilisation": 0.262, "peak_gib": 56.4},
     "encode": {"batch": 256, "images_per_s": 6919, "utilisation": 0.0427, "peak_gib": 6.5},
     "sample": {"batch": 64, "seconds_per_batch": 4.21 + 12.45, "peak_gib": 5.3},  # fp32: top 32x32 + bottom 64x64
+    # evaluate's FLOPs are mostly its two CAS classifiers, which train in the default layout
+    "evaluate": {"batch": 64, "images_per_s": 477, "utilisation": 0.0779, "peak_gib": 8.9},
 }
 
 # Measured by benchmarks/paper_scale.py on this project's 2-core CPU machine (the run reported in README;
@@ -213,13 +219,15 @@ def sampler_bound_s(samples: int, batch: int) -> float:
 
 
 def measure_gpu(f: dict[str, float], steps: int, device: str = "cuda", batch: int | None = None,
-                out: Path | None = None) -> dict[str, dict]:
+                out: Path | None = None, channels_last: bool = False) -> dict[str, dict]:
     """Each model's training step (bf16 autocast, Adam, as the stages run it) and the encode forward, at the
     per-GPU batches of configs/imagenet256.yaml (halved until it fits); ms/step, TFLOP/s, fraction of peak.
-    `device="cpu"` with a small `batch` is a dry run of this code."""
+    `device="cpu"` with a small `batch` is a dry run of this code. channels_last: the models' weights and the
+    images in that memory format (the stages train in the default one)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    results = {"device": torch.cuda.get_device_name() if cuda else "cpu"}
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "channels_last": channels_last}
 
     def run(name, build, step_fn, size, flops_per_image, train=True):
         size = batch or size
@@ -229,7 +237,7 @@ def measure_gpu(f: dict[str, float], steps: int, device: str = "cuda", batch: in
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                model = build().to(dev)
+                model = build().to(dev, memory_format=memory_format)
                 optimizer = torch.optim.Adam(model.parameters(), lr=1e-4) if train else None
                 for i in range(steps + 2):
                     if i == 2:
@@ -268,7 +276,7 @@ def measure_gpu(f: dict[str, float], steps: int, device: str = "cuda", batch: in
 
     codes = lambda b, side: torch.randint(0, 512, (b, side, side), device=dev)  # noqa: E731
     labels = lambda b: torch.randint(0, CLASSES, (b,), device=dev)  # noqa: E731
-    images = lambda b: torch.rand(b, 3, 256, 256, device=dev) * 2 - 1  # noqa: E731
+    images = lambda b: (torch.rand(b, 3, 256, 256, device=dev) * 2 - 1).contiguous(memory_format=memory_format)  # noqa: E731
 
     def top_loss(model, b):
         target = codes(b, 32)
@@ -359,8 +367,8 @@ def table(f: dict[str, float], work: dict[str, dict], measured: dict, gpu: dict,
                       f"{run['peak_gib']:.1f} GiB" if run else "not measured; bound: weights read once per position")
         else:
             assumed = total / (H100_BF16_PEAK * UTILISATION) / 3600
-            # evaluate's FLOPs are mostly its two CAS classifiers: the classifier's measured utilisation
-            run = gpu.get("train_classifier" if stage == "evaluate" else stage)
+            # evaluate's FLOPs are mostly its two CAS classifiers: a classifier's utilisation stands in for it
+            run = gpu.get(stage) or (gpu.get("train_classifier") if stage == "evaluate" else None)
             hours = total / (H100_BF16_PEAK * run["utilisation"]) / 3600 if run else None
             on_gpu = f"{run['batch']}, {run['utilisation']:.1%}, {run['peak_gib']:.1f} GiB" if run else "-"
         sums[0] += hours or assumed
@@ -391,12 +399,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="--measure-gpu on this device (cpu: a dry run)")
     parser.add_argument("--batch", type=int, help="--measure-gpu at this batch instead of the config's")
     parser.add_argument("--steps", type=int, default=6, help="--measure-gpu: timed steps per model")
+    parser.add_argument("--channels-last", action="store_true", help="--measure-gpu in channels_last memory format")
     args = parser.parse_args()
 
     f = flops_per_image()
     print("FLOPs per image: " + ", ".join(f"{k} {human(v, 'FLOP')}" for k, v in f.items()))
     if args.measure_gpu:
-        measure_gpu(f, args.steps, args.device, args.batch, args.out)
+        measure_gpu(f, args.steps, args.device, args.batch, args.out, args.channels_last)
         return
     from pipeline.config import load_config
 

@@ -91,7 +91,8 @@ def train_loop(config: dict) -> None:
     dev = training.device(section)
     torch.manual_seed(section.seed)  # identical initial weights on every rank
 
-    model = ResNetClassifier(config["model_config"]).to(dev)
+    layout = training.memory_format(section)
+    model = ResNetClassifier(config["model_config"]).to(dev, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     step = resumed_from = training.restore(model, optimizer)
     ddp_model = ray.train.torch.prepare_model(model)
@@ -118,7 +119,8 @@ def train_loop(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = training.learning_rate(section, step)
         _, images, labels = next(batches)
-        images, labels = to_model_range(images.to(dev, non_blocking=True)), labels.to(dev, non_blocking=True)
+        images = to_model_range(images.to(dev, non_blocking=True, memory_format=layout))
+        labels = labels.to(dev, non_blocking=True)
         with training.autocast(section, dev):
             logits = ddp_model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=section.label_smoothing)

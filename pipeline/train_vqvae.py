@@ -42,7 +42,8 @@ def train_loop(config: dict) -> None:
     dev = training.device(section)
     torch.manual_seed(section.seed)  # identical initial weights on every rank
 
-    model = VQVAE(config["model_config"]).to(dev)
+    layout = training.memory_format(section)
+    model = VQVAE(config["model_config"]).to(dev, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
     step = resumed_from = training.restore(model, optimizer)
     # The EMA codebooks sync themselves (all-reduce); DDP must not overwrite them from rank 0 on
@@ -71,7 +72,7 @@ def train_loop(config: dict) -> None:
         for group in optimizer.param_groups:
             group["lr"] = training.learning_rate(section, step)
         _, images, _ = next(batches)
-        images = to_model_range(images.to(dev, non_blocking=True))
+        images = to_model_range(images.to(dev, non_blocking=True, memory_format=layout))
         with training.autocast(section, dev):
             out = ddp_model(images)
         optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import TrainerConfig
+from pipeline.config import ImageTrainerConfig, TrainerConfig
 from pipeline.dataset import Dataset
 from pipeline import system_metrics
 from pipeline.storage import Location
@@ -86,6 +86,12 @@ def device(section: TrainerConfig) -> torch.device:
 def autocast(section: TrainerConfig, dev: torch.device):
     """bf16 autocast on CUDA when configured; a no-op context elsewhere."""
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=section.bf16 and dev.type == "cuda")
+
+
+def memory_format(section: ImageTrainerConfig) -> torch.memory_format:
+    """The layout of an image stage's weights and batches: channels_last when configured, where cuDNN runs
+    convolutions and batch norm in bf16 without transposing to and from NCHW; torch's default otherwise."""
+    return torch.channels_last if section.channels_last else torch.contiguous_format
 
 
 def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:

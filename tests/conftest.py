@@ -273,6 +273,7 @@ TINY_UPSTREAM = {
     "train_classifier": {
         "num_workers": 2, "batch_size": 16, "steps": 60, "lr": 3e-3, "checkpoint_every": 30, "validate_every": 30,
         "log_every": 10, "loader_workers": 0,
+        "channels_last": True,  # the NHWC path on two DDP ranks (the VQ-VAE trains in the default layout)
     },
     "train_prior": {
         "num_workers": 2, "batch_size": 16, "steps": 30, "lr": 3e-3, "checkpoint_every": 10, "validate_every": 15,

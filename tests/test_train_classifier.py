@@ -3,10 +3,11 @@
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from ray.train import Checkpoint
 
 from conftest import TINY_UPSTREAM, section_config
 from models.classifier import ClassifierConfig
-from pipeline import demo_data
+from pipeline import demo_data, training
 from pipeline.checkpoints import load_model
 from pipeline.config import ConfigError
 from pipeline.runner import run_pipeline
@@ -33,6 +34,12 @@ def test_two_workers_train_the_classifier_above_chance(tiny_pipeline):
 
     model, extra = load_model(result.location / MODEL_FILE, "classifier")
     assert extra["step"] == steps and extra["image_size"] == 32 and extra["val"] == val
+    # channels_last: true in the tiny config: the ranks trained NHWC weights (save_model builds the model file's
+    # model anew, in the default layout, so the layout shows in the Ray Train checkpoint)
+    trained = training.read_checkpoint_state(Checkpoint(manifest["checkpoint"]))["model"]
+    convolutions = [w for w in trained.values() if w.dim() == 4]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    assert not all(w.is_contiguous() for w in convolutions)  # 1x1 kernels are both; the 3x3 ones only NHWC
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, CLASSES)
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
