@@ -23,16 +23,22 @@ as JSON to $OUT/gpu_check.json when OUT is set.
     samples the forward pass's logits redraw exactly (the naive sampler's codes), with torch's
     default float32 settings (TF32 convolutions) and with TF32 off. The samplers turn TF32 off
     themselves (models.sampling.full_float32), so both rows should redraw every sample.
+(e) layout: the two image trainers' steps (the classifier of configs/imagenet256.yaml, base preset, batch
+    64; the VQ-VAE, batch 8) under DistributedDataParallel (one rank; NCCL on a GPU), in torch's default
+    layout and in channels_last (the stages' `channels_last` option), with the warnings DDP raised.
 """
 
 import argparse
 import json
 import os
+import socket
 import time
 import traceback
+import warnings
 
 import torch
 
+from models.classifier import ResNetClassifier, classifier_base, classifier_tiny
 from models.prior import CodePrior, prior_imagenet256_bottom, prior_imagenet256_top, prior_tiny_lower, prior_tiny_top
 from models.sampling import draw, full_float32, sample_level_fast, sample_uniforms
 from models.vqvae import VQVAE, vqvae_imagenet256, vqvae_tiny
@@ -263,6 +269,61 @@ def check_agree(args, device) -> list[dict]:
     return rows
 
 
+def check_layout(args, device) -> list[dict]:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = device.type == "cuda"
+    size = 32 if args.quick else 256
+    with socket.socket() as s:  # a free port for the one-rank process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    models = {
+        "classifier": (lambda: ResNetClassifier(classifier_tiny(10) if args.quick else classifier_base(1000)),
+                       2 if args.quick else 64, lambda out, labels: F.cross_entropy(out.float(), labels)),
+        "vqvae": (lambda: VQVAE(vqvae_tiny() if args.quick else vqvae_imagenet256()), 2 if args.quick else 8,
+                  lambda out, _: out.loss),
+    }
+    rows = []
+    try:
+        for name, (build, batch, loss_of) in models.items():
+            for layout in (torch.contiguous_format, torch.channels_last):
+                row = {"part": "layout", "model": name, "batch": batch, "size": size,
+                       "layout": "channels_last" if layout is torch.channels_last else "default"}
+                try:
+                    torch.manual_seed(0)
+                    model = build().to(device, memory_format=layout)
+                    ddp = DistributedDataParallel(model, device_ids=[0] if cuda else None,
+                                                  broadcast_buffers=name != "vqvae")
+                    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+                    images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
+                    labels = torch.randint(0, model.cfg.num_classes if name == "classifier" else 1, (batch,), device=device)
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        for i in range(args.warmup_steps + args.train_steps):
+                            if i == args.warmup_steps:
+                                synchronize(device)
+                                start = time.perf_counter()
+                            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                                loss = loss_of(ddp(images), labels)
+                            optimizer.zero_grad(set_to_none=True)
+                            loss.backward()
+                            optimizer.step()
+                        synchronize(device)
+                    row.update(images_per_s=batch * args.train_steps / (time.perf_counter() - start),
+                               warnings="; ".join(sorted({str(w.message)[:120] for w in caught})) or "none")
+                except Exception as error:
+                    row["error"] = f"{type(error).__name__}: {error}"
+                    traceback.print_exc()
+                rows.append(row)
+                print(row, flush=True)
+    finally:
+        dist.destroy_process_group()
+    return rows
+
+
 TABLES = {
     "train_vqvae": ("(a) train_vqvae step: ImageNet-256 preset (tiny with --quick), Adam, clipping 1.0, random images", [
         ("batch", "batch", ""), ("size", "size", ""), ("bf16", "bf16", ""), ("images_per_s", "images/s", ".1f"),
@@ -284,6 +345,10 @@ TABLES = {
         ("prior", "prior", ""), ("grid", "grid", ""), ("batch", "batch", ""), ("setting", "float32 setting", ""),
         ("fast_s", "fast s", ".3f"), ("forward_s", "forward s", ".4f"), ("fast_over_forward", "fast/forward", ".0f"),
         ("ms_per_position", "ms/position", ".2f"), ("samples_redrawn", "samples redrawn", ""), ("error", "error", ""),
+    ]),
+    "layout": ("(e) training steps under DDP (one rank), torch's default layout vs channels_last", [
+        ("model", "model", ""), ("batch", "batch", ""), ("size", "size", ""), ("layout", "layout", ""),
+        ("images_per_s", "images/s", ".1f"), ("warnings", "warnings", ""), ("error", "error", ""),
     ]),
 }
 
@@ -310,8 +375,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (with --quick: a test of this script)")
     parser.add_argument("--quick", action="store_true", help="tiny models and sizes")
-    parser.add_argument("--parts", nargs="+", default=["train", "sample", "encode", "agree"],
-                        choices=["train", "sample", "encode", "agree"])
+    parser.add_argument("--parts", nargs="+", default=["train", "sample", "encode", "agree", "layout"],
+                        choices=["train", "sample", "encode", "agree", "layout"])
     parser.add_argument("--train-batches", type=int, nargs="+", default=None)
     parser.add_argument("--train-steps", type=int, default=10)
     parser.add_argument("--warmup-steps", type=int, default=3)
@@ -337,10 +402,10 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
         "torch": torch.__version__, "cuda": torch.version.cuda, "quick": args.quick,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-        "train_vqvae": [], "sample": [], "encode": [], "agree": [],
+        "train_vqvae": [], "sample": [], "encode": [], "agree": [], "layout": [],
     }
     parts = {"train": ("train_vqvae", check_train), "sample": ("sample", check_sampler), "encode": ("encode", check_encode),
-             "agree": ("agree", check_agree)}
+             "agree": ("agree", check_agree), "layout": ("layout", check_layout)}
     for part in args.parts:
         key, check = parts[part]
         started = time.perf_counter()
