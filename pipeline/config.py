@@ -210,7 +210,7 @@ class ImageTrainerConfig(TrainerConfig):
     shuffle_buffer: int = Field(1000, ge=0, description="samples held for shuffling, per loader")
     channels_last: bool = Field(False, description=(
         "weights and images in channels_last (NHWC) memory format; on an H100 in bf16 the ImageNet classifier's "
-        "step ran 2.4x and the VQ-VAE's 1.1-1.2x faster (benchmarks/sizing.py --measure-gpu --channels-last)"))
+        "step ran 2.4x and the VQ-VAE's 1.1-1.6x faster (benchmarks/gpu_check.sh --parts layout)"))
 
 
 class TrainVQVAEConfig(ImageTrainerConfig):
