@@ -67,6 +67,18 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def images_per_s(step, batch: int, warmup: int, steps: int, device: torch.device) -> float:
+    """Images/s of `step()` over `steps` calls after `warmup` untimed ones, the device synchronized around them."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
 def train_step(model, optimizer, images, bf16: bool):
     """One step of pipeline/train_vqvae.py's loop."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -107,14 +119,8 @@ def check_train(args, device) -> list[dict]:
             images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
             if args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            for _ in range(args.warmup_steps):
-                train_step(model, optimizer, images, bf16)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(args.train_steps):
-                train_step(model, optimizer, images, bf16)
-            synchronize(device)
-            rate = batch * args.train_steps / (time.perf_counter() - start)
+            rate = images_per_s(lambda: train_step(model, optimizer, images, bf16), batch, args.warmup_steps,
+                                args.train_steps, device)
             tflops = rate * flops / 1e12
             row.update(images_per_s=rate, gflop_per_image=flops / 1e9, tflops=tflops,
                        peak_fraction=tflops / peak if peak else None, peak_tflops=peak,
@@ -197,15 +203,9 @@ def check_encode(args, device) -> list[dict]:
                 reset_peak_memory(device)
                 images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    for _ in range(args.warmup_steps):
-                        model.encode(images)
-                    synchronize(device)
-                    start = time.perf_counter()
-                    for _ in range(args.encode_steps):
-                        model.encode(images)
-                    synchronize(device)
-                row.update(images_per_s=batch * args.encode_steps / (time.perf_counter() - start),
-                           peak_memory_gib=peak_memory_gib(device))
+                    rate = images_per_s(lambda: model.encode(images), batch, args.warmup_steps, args.encode_steps,
+                                        device)
+                row.update(images_per_s=rate, peak_memory_gib=peak_memory_gib(device))
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"
             rows.append(row)
@@ -300,19 +300,18 @@ def check_layout(args, device) -> list[dict]:
                     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
                     images = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
                     labels = torch.randint(0, model.cfg.num_classes if name == "classifier" else 1, (batch,), device=device)
+
+                    def step():
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                            loss = loss_of(ddp(images), labels)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
-                        for i in range(args.warmup_steps + args.train_steps):
-                            if i == args.warmup_steps:
-                                synchronize(device)
-                                start = time.perf_counter()
-                            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                                loss = loss_of(ddp(images), labels)
-                            optimizer.zero_grad(set_to_none=True)
-                            loss.backward()
-                            optimizer.step()
-                        synchronize(device)
-                    row.update(images_per_s=batch * args.train_steps / (time.perf_counter() - start),
+                        rate = images_per_s(step, batch, args.warmup_steps, args.train_steps, device)
+                    row.update(images_per_s=rate,
                                warnings="; ".join(sorted({str(w.message)[:120] for w in caught})) or "none")
                 except Exception as error:
                     row["error"] = f"{type(error).__name__}: {error}"

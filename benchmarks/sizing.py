@@ -223,7 +223,7 @@ def measure_gpu(f: dict[str, float], steps: int, device: str = "cuda", batch: in
     """Each model's training step (bf16 autocast, Adam, as the stages run it) and the encode forward, at the
     per-GPU batches of configs/imagenet256.yaml (halved until it fits); ms/step, TFLOP/s, fraction of peak.
     `device="cpu"` with a small `batch` is a dry run of this code. channels_last: the models' weights and the
-    images in that memory format (the stages train in the default one)."""
+    images in that memory format (the image stages' `channels_last` option; the priors have none)."""
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
