@@ -5,6 +5,7 @@
     python benchmarks/sampling.py --quick          # 16x16 / 32x32 grids, under two minutes
     python benchmarks/sampling.py --threads 1      # one torch thread
     python benchmarks/sampling.py --repeat 5       # five rounds of sampler and forward pass (default 3)
+    python benchmarks/sampling.py --breakdown      # also: where one fast sampler run spends its time
 
 An exact incremental sampler does about the work of one forward pass over the whole grid, so
 the column `fast / forward` (fast sampler seconds over the seconds of one forward pass of the
@@ -27,10 +28,13 @@ naive sampler would draw, since the logits at a position depend only on the code
 
 import argparse
 import time
+from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
-from models.prior import CodePrior, PriorConfig
+import models.sampling
+from models.prior import CausalSelfAttention, CodePrior, GatedLayer, PriorConfig
 from models.sampling import draw, sample_level_fast, sample_level_naive, sample_uniforms
 
 
@@ -92,6 +96,48 @@ def products_only(prior: CodePrior, batch: int, labels, condition_codes) -> floa
         prior.stop_sampling()
 
 
+@contextmanager
+def timed(parts: dict, seconds: Counter):
+    """Adds each call's seconds to seconds[name] while inside, for parts {name: (owner, attribute)}."""
+    originals = {name: getattr(owner, attribute) for name, (owner, attribute) in parts.items()}
+
+    def timer(name, function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] += time.perf_counter() - start
+        return call
+
+    for name, (owner, attribute) in parts.items():
+        setattr(owner, attribute, timer(name, originals[name]))
+    try:
+        yield
+    finally:
+        for name, (owner, attribute) in parts.items():
+            setattr(owner, attribute, originals[name])
+
+
+def breakdown(name, prior, labels, condition, seeds) -> dict:
+    """Seconds of one fast sampler run in each of its parts (the timers add a few percent)."""
+    (uniforms,) = sample_uniforms(seeds, [prior.cfg.grid[0] * prior.cfg.grid[1]])
+    seconds = Counter()
+    parts = {"gated layer steps": (GatedLayer, "step"), "attention steps": (CausalSelfAttention, "step"),
+             "vertical stack rows": (CodePrior, "end_row"), "draws": (models.sampling, "draw"),
+             "code writes": (CodePrior, "write_code")}
+    with timed(parts, seconds):
+        start = time.perf_counter()
+        sample_level_fast(prior, uniforms, labels, condition)
+        total = time.perf_counter() - start
+    start = time.perf_counter()
+    prior(torch.zeros(len(seeds), *prior.cfg.grid, dtype=torch.long), labels, condition)
+    forward = time.perf_counter() - start
+    rest = total - sum(seconds.values())
+    return {"prior": name, "batch": len(seeds), "forward s": f"{forward:.2f}", "fast s": f"{total:.2f}",
+            **{f"{part} s": f"{seconds[part]:.2f}" for part in parts}, "the rest s": f"{rest:.2f}"}
+
+
 def measure(name, prior, labels, condition, seeds, naive_positions, repeat) -> tuple[torch.Tensor, dict]:
     H, W = prior.cfg.grid
     (uniforms,) = sample_uniforms(seeds, [H * W])
@@ -130,6 +176,7 @@ def main():
     parser.add_argument("--naive-positions", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of sampler and forward pass; the fastest counts")
+    parser.add_argument("--breakdown", action="store_true", help="also time each part of one fast sampler run of the top prior")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +199,17 @@ def main():
         rows.append(row)
         print(row, flush=True)
 
+    print_table(rows)
+    if args.breakdown:
+        parts = []
+        for batch in args.batch:
+            labels = torch.arange(batch) % 10
+            parts.append(breakdown("top (attention)", top, labels, None, list(range(batch))))
+            print(parts[-1], flush=True)
+        print_table(parts)
+
+
+def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(rows[0]) + " |")
     print("|" + "---|" * len(rows[0]))
     for row in rows:

@@ -39,8 +39,10 @@ def _tracking_uri_left_as_found() -> Iterator[None]:
 
 def alarming_lines(console: str) -> list[str]:
     """The lines of a console a person should not have to read past: an ERROR line (Python's, or a Ray process's
-    "E" line), a traceback, a deprecation warning, a missing-tqdm notice, Ray Train's per-report lines."""
-    return [line for line in console.splitlines()
+    "E" line), a traceback, a deprecation warning, a missing-tqdm notice, Ray Train's per-report lines.
+    A traceback comes with the 30 lines after it, so that a failing test shows what was raised."""
+    lines = console.splitlines()
+    return ["\n".join(lines[i : i + 31]) if "Traceback" in line else line for i, line in enumerate(lines)
             if re.search(r"\bERROR\b|\d{3} E \d+ \d+\]|Traceback|Reporting training result", line)
             or re.search(r"deprecat|tqdm is not installed", line, re.IGNORECASE)]
 
