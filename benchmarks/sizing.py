@@ -63,8 +63,8 @@ GPU_MEASURED = {
     "evaluate": {"batch": 64, "images_per_s": 477, "utilisation": 0.0779, "peak_gib": 8.9},
 }
 
-# Measured by benchmarks/paper_scale.py on this project's 2-core CPU machine (the run reported in README;
-# --paper-scale replaces them): bytes on S3 per image, each stage's peak RSS per worker or actor process
+# Measured by one benchmarks/paper_scale.py run on this project's 2-core CPU machine (README's table is of a
+# later run; --paper-scale replaces them): bytes on S3 per image, each stage's peak RSS per worker or actor process
 # (and the driver's), and its object store peak. The CPU run trains at batch 1-2 per worker: on a GPU
 # node the host RAM of a training worker is less (its model, gradients, Adam state and activations live
 # in GPU memory, measured above), the driver's and the actors' about the same.
