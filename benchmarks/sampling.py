@@ -5,7 +5,7 @@
     python benchmarks/sampling.py --quick          # 16x16 / 32x32 grids, under two minutes
     python benchmarks/sampling.py --threads 1      # one torch thread
     python benchmarks/sampling.py --repeat 5       # five rounds of sampler and forward pass (default 3)
-    python benchmarks/sampling.py --breakdown      # also: where one fast sampler run spends its time
+    python benchmarks/sampling.py --breakdown      # also: where one run of the top prior's fast sampler spends its time
 
 An exact incremental sampler does about the work of one forward pass over the whole grid, so
 the column `fast / forward` (fast sampler seconds over the seconds of one forward pass of the
