@@ -120,7 +120,7 @@ def timed(parts: dict, seconds: Counter):
 
 
 def breakdown(name, prior, labels, condition, seeds) -> dict:
-    """Seconds of one fast sampler run in each of its parts (the timers add a few percent)."""
+    """Seconds of one fast sampler run in each of its parts, timed around each part's calls."""
     (uniforms,) = sample_uniforms(seeds, [prior.cfg.grid[0] * prior.cfg.grid[1]])
     seconds = Counter()
     parts = {"gated layer steps": (GatedLayer, "step"), "attention steps": (CausalSelfAttention, "step"),
