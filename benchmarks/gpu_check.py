@@ -40,7 +40,7 @@ import torch
 
 from models.classifier import ResNetClassifier, classifier_base, classifier_tiny
 from models.prior import CodePrior, prior_imagenet256_bottom, prior_imagenet256_top, prior_tiny_lower, prior_tiny_top
-from models.sampling import draw, full_float32, sample_level_fast, sample_uniforms
+from models.sampling import full_float32, sample_level_fast, sample_uniforms
 from models.vqvae import VQVAE, vqvae_imagenet256, vqvae_tiny
 
 # Dense bf16 tensor-core peaks (vendor datasheets, without sparsity), by a word in the device name.
@@ -213,18 +213,9 @@ def check_encode(args, device) -> list[dict]:
     return rows
 
 
-def redrawn_samples(prior, codes, uniforms, labels, condition) -> int:
-    """Samples whose every code a draw from one forward pass's logits gives again (what the naive sampler draws)."""
-    with full_float32():  # as the naive sampler runs its forward passes
-        logits = prior(codes, labels, condition)  # (B, K, H, W)
-    B, K, H, W = logits.shape
-    drawn = draw(logits.permute(0, 2, 3, 1).reshape(-1, K), uniforms.reshape(-1)).view(B, H, W)
-    return int((drawn == codes).flatten(1).all(1).sum())
-
-
 @torch.no_grad()
 def check_agree(args, device) -> list[dict]:
-    from sampling import build_priors  # benchmarks/sampling.py: the priors of its table
+    from sampling import build_priors, samples_redrawn  # benchmarks/sampling.py: its priors and agreement check
 
     grid, batch = (8, 2) if args.quick else (32, 8)
     with torch.device(device):
@@ -256,9 +247,11 @@ def check_agree(args, device) -> list[dict]:
                     synchronize(device)
                     forward_times.append(time.perf_counter() - start)
                 fast, forward = min(fast_times[1:]), min(forward_times[1:])
+                with full_float32():  # as the naive sampler runs its forward passes
+                    logits = prior(codes, labels, condition)
                 row.update(fast_s=fast, forward_s=forward, fast_over_forward=fast / forward,
                            ms_per_position=1e3 * fast / (H * W),
-                           samples_redrawn=f"{redrawn_samples(prior, codes, uniforms, labels, condition)}/{batch}")
+                           samples_redrawn=f"{samples_redrawn(logits, uniforms, codes)}/{batch}")
                 codes_top = codes if prior is top else codes_top
             except Exception as error:
                 row["error"] = f"{type(error).__name__}: {error}"

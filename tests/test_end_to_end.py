@@ -65,9 +65,9 @@ def test_two_jobs_submitted_at_once_to_a_ray_head_run_the_whole_pipeline_once(ra
         assert not alarming_lines(text), alarming_lines(text)
     # Each job checked the cluster for the stages still to make when it started: all of them for the first,
     # the rest for a job that starts after the other one has made the first stages.
-    checked = [re.search(r"preflight: the cluster is ready for (.+?) \(", text) for text in logs]
-    assert all(checked), "a job ran no preflight"
-    checked = [match.group(1).split(", ") for match in checked]
+    preflights = [re.search(r"preflight: the cluster is ready for (.+?) \(", text) for text in logs]
+    assert all(preflights), "a job ran no preflight"
+    checked = [match.group(1).split(", ") for match in preflights]
     assert STAGES in checked and all(stages == STAGES[len(STAGES) - len(stages):] for stages in checked), checked
 
     # The working directory went up without the venv, the git folder or local outputs.
