@@ -37,7 +37,6 @@ A1 A2^T, A the centred features), checked against `pipeline.metrics.fid` in the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -61,7 +60,7 @@ from pipeline.dataset import Dataset
 from pipeline.feature_nets import CLASSIFIER, INCEPTION, extract, fid_inception_path, load_feature_net
 from pipeline.metrics import Measurement, fid, inception_score, metric_name, precision_recall
 from pipeline.progress import Progress
-from pipeline.sample import sample_fields
+from pipeline.sample import accept, best_of_each_class, sample_fields
 from pipeline.shard import INDEX
 from pipeline.shard_reader import read_tar, to_uint8
 from pipeline.storage import Location
@@ -102,34 +101,30 @@ def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], None]:
     if location is None and expected is None:
         return {}, None
     used = location or Location(str(fid_inception_path()))
-    digest = hashlib.sha256()
-    with used.open_read() as stream:
-        for chunk in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(chunk)
-    if expected is not None and digest.hexdigest() != expected:
-        raise ValueError(f"evaluate.inception_sha256: {used.uri} has sha256 {digest.hexdigest()}, expected {expected}")
-    return ({"inception_weights": digest.hexdigest()[:16]} if location else {}), None
+    digest = used.sha256()
+    if expected is not None and digest != expected:
+        raise ValueError(f"evaluate.inception_sha256: {used.uri} has sha256 {digest}, expected {expected}")
+    return ({"inception_weights": digest[:16]} if location else {}), None
 
 
 # --- reading images -------------------------------------------------------------------------------------
 
 
-def _wanted(keys: Iterable[str] | None, positions: Iterable[int] | None) -> Callable[[int, str], bool] | None:
-    """The samples of a tar at `positions` with `keys` (either None: any), as `read_tar` takes them."""
-    if keys is None and positions is None:
+def _wanted(keys: Iterable[str] | None) -> Callable[[int, str], bool] | None:
+    """The samples of a tar with `keys` (None: every one), as `read_tar` takes them."""
+    if keys is None:
         return None
-    keys = None if keys is None else set(keys)
-    positions = None if positions is None else set(positions)
-    return lambda position, key: (keys is None or key in keys) and (positions is None or position in positions)
+    keys = set(keys)
+    return lambda _position, key: key in keys
 
 
-def read_images(uri: str, endpoint_url: str | None, region: str | None, keys: list[str] | None = None,
-                positions: list[int] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """(keys, uint8 images (N, 3, H, W), labels) of one tar (.jpg shards or .png samples): every sample,
-    those with `keys` (returned in that order) or those at `positions` in the tar."""
+def read_images(uri: str, endpoint_url: str | None, region: str | None,
+                keys: list[str] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, uint8 images (N, 3, H, W), labels) of one tar (.jpg shards or .png samples): every sample, or
+    those with `keys` (returned in that order)."""
     found: dict[str, tuple[torch.Tensor, int]] = {}
     order: list[str] = []
-    for key, image, label in read_tar(Location(uri, endpoint_url, region), _wanted(keys, positions)):
+    for key, image, label in read_tar(Location(uri, endpoint_url, region), _wanted(keys)):
         found[key] = (image, label)
         order.append(key)
     if keys is not None:
@@ -195,12 +190,12 @@ class FeatureActor:
                 "seconds": np.array([time.perf_counter() - started])}
 
 
-def sampled_classes(dataset: Dataset, classes: list[str]) -> int:
-    """How many of the dataset's classes were sampled: the models' classes, which must be its first ones.
-
-    A dataset grown under `policy.on_new_data: encode` may have more (new classes go last); their real
-    images are left out of every comparison until the models are retrained.
+def sampled_labels(dataset: Dataset, sample_manifest: dict) -> frozenset[int]:
+    """The labels the sample stage drew (`sample.classes`, or all the models' classes), whose real images
+    every comparison takes. The models' classes must be the dataset's first ones: a dataset grown under
+    `policy.on_new_data: encode` may have more (new classes go last), left out until the models are retrained.
     """
+    classes = sample_manifest["classes"]
     if dataset.classes[: len(classes)] != classes:
         raise RuntimeError(f"evaluate: the sampled classes are not the first {len(classes)} classes of dataset "
                            f"{dataset.location}; the models were trained on another dataset")
@@ -208,7 +203,7 @@ def sampled_classes(dataset: Dataset, classes: list[str]) -> int:
         log.warning("evaluate: the dataset has %d classes, the models were trained on %d (policy.on_new_data="
                     "encode keeps them); real images of the new classes %s are left out until they are retrained",
                     len(dataset.classes), len(classes), dataset.classes[len(classes):][:5])
-    return len(classes)
+    return frozenset(sample_manifest["sampled_labels"])
 
 
 def net_caps(section: EvaluateConfig) -> dict[str, int | None]:
@@ -237,10 +232,9 @@ def _chunked(kind: str, uri: str, keys: list[str], nets: list[tuple[str, ...]], 
 
 
 def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint_url, region,
-              num_classes: int) -> list[dict]:
-    """Tasks over a seeded random subset of the validation images of the first `num_classes` classes (the
-    sampled ones; shards are ordered by class, so a prefix would not do), with the code file that
-    reconstructs them."""
+              sampled: frozenset[int]) -> list[dict]:
+    """Tasks over a seeded random subset of the validation images of the sampled classes (shards are
+    ordered by class, so a prefix would not do), with the code file that reconstructs them."""
     entries = encode_result.manifest["files"]["val"]
     shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
     per_file = []
@@ -249,10 +243,10 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
         with location.open_read() as stream:
             table = pq.read_table(stream, columns=["key", "label"])
         labels = table.column("label").to_numpy()
-        per_file.append([key for key, label in zip(table.column("key").to_pylist(), labels) if label < num_classes])
+        per_file.append([key for key, label in zip(table.column("key").to_pylist(), labels) if label in sampled])
     total = sum(len(keys) for keys in per_file)
     if total == 0:
-        raise ValueError(f"evaluate: the encode stage has no validation rows of the {num_classes} sampled classes")
+        raise ValueError(f"evaluate: the encode stage has no validation rows of the sampled classes {sorted(sampled)}")
     take = total if section.max_real_images is None else min(section.max_real_images, total)
     rank = np.full(total, -1)
     rank[np.random.default_rng(section.seed).permutation(total)[:take]] = np.arange(take)
@@ -267,23 +261,28 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
     return tasks
 
 
-def plan_train(dataset: Dataset, section: EvaluateConfig, count: int, num_classes: int) -> list[dict]:
-    """Tasks over a seeded random subset of `count` training images of the first `num_classes` classes: the
-    real images the floors compare with the validation subset (another split, so the two sets are disjoint)."""
+def training_images(dataset: Dataset, sampled: frozenset[int], count: int, seed: int) -> list[tuple[str, str]]:
+    """A seeded random `count` of the training images of the sampled classes (all of them when there are
+    no more), as (key, shard URI)."""
     with (dataset.location / INDEX).open_read() as stream:
         index = pq.read_table(stream, columns=["split", "key", "label", "shard"])
-    rows = [(key, shard) for split, key, label, shard in zip(*(index.column(c).to_pylist() for c in index.column_names))
-            if split == "train" and label < num_classes]
-    order = np.random.default_rng(section.seed + 3).permutation(len(rows))[:count]
+    rows = [(key, (dataset.location.parent / shard).uri)
+            for split, key, label, shard in zip(*(index.column(c).to_pylist() for c in index.column_names))
+            if split == "train" and label in sampled]
+    return [rows[row] for row in np.random.default_rng(seed).permutation(len(rows))[:count]]
+
+
+def plan_train(dataset: Dataset, section: EvaluateConfig, count: int, sampled: frozenset[int]) -> list[dict]:
+    """Tasks over a seeded random subset of `count` training images of the sampled classes: the real images
+    the floors compare with the validation subset (another split, so the two sets are disjoint)."""
     caps = net_caps(section)
     by_shard: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
-    for rank, row in enumerate(order):
-        key, shard = rows[row]
+    for rank, (key, shard) in enumerate(training_images(dataset, sampled, count, section.seed + 3)):
         keys, nets = by_shard.setdefault(shard, ([], []))
         keys.append(key)
         nets.append(_nets_at(rank, caps))
     return [task for shard, (keys, nets) in sorted(by_shard.items())
-            for task in _chunked("train", (dataset.location.parent / shard).uri, keys, nets, section.batch_size)]
+            for task in _chunked("train", shard, keys, nets, section.batch_size)]
 
 
 def plan_samples(keys: list[str], tars: list[str], accepted: np.ndarray, section: EvaluateConfig) -> list[dict]:
@@ -321,6 +320,10 @@ class Features:
     def rows(self, rows: np.ndarray) -> Features:
         return Features(self.keys[rows], self.labels[rows], self.features[rows],
                         None if self.logits is None else self.logits[rows])
+
+    @staticmethod
+    def empty(dim: int) -> Features:
+        return Features(np.array([], dtype=object), np.array([], dtype=np.int64), np.zeros((0, dim), np.float32), None)
 
     def take(self, keys: Iterable[str]) -> Features:
         """The rows of these keys that this set has (a capped net has a subset of the samples)."""
@@ -465,12 +468,7 @@ def keep_mask(scores: np.ndarray, labels: np.ndarray, by: str, value: float) -> 
     the samples whose score is at least `value`."""
     if by == "threshold":
         return scores >= value
-    mask = np.zeros(len(scores), bool)
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        keep = max(1, math.ceil(value * len(rows)))
-        mask[rows[np.argsort(-scores[rows], kind="stable")[:keep]]] = True
-    return mask
+    return best_of_each_class(scores, labels, value)
 
 
 def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
@@ -521,10 +519,9 @@ def tradeoff_png(sweep: list[dict], nets: list[str], by: str) -> bytes:
 # --- CAS ------------------------------------------------------------------------------------------------
 
 
-def _batches(sources: list[dict], endpoint_url, region, num_classes: int,
-             batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images (B, 3, H, W), labels (B,)) of `sources` (tars, each with the `keys` or `positions`
-    wanted, or every sample), those of the first `num_classes` classes only, at most `batch_size` at a time.
+def _batches(sources: list[dict], endpoint_url, region, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images (B, 3, H, W), labels (B,)) of `sources` (tars, each with the `keys` wanted, or every
+    sample), at most `batch_size` at a time.
 
     A source is decoded sample by sample, so no more than one batch of images is held whatever the sources
     hold; a wanted key missing from its tar is an error naming the tar."""
@@ -533,11 +530,10 @@ def _batches(sources: list[dict], endpoint_url, region, num_classes: int,
         location = Location(source["uri"], endpoint_url, region)
         keys = source.get("keys")
         found = 0
-        for _, image, label in read_tar(location, _wanted(keys, source.get("positions"))):
+        for _, image, label in read_tar(location, _wanted(keys)):
             found += 1
-            if label < num_classes:
-                images.append(image)
-                labels.append(label)
+            images.append(image)
+            labels.append(label)
             if len(images) == batch_size:
                 yield torch.stack(images), torch.tensor(labels)
                 images, labels = [], []
@@ -596,40 +592,34 @@ def cas_task(train: list[dict], test: list[dict], num_classes: int, model_config
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     batch_size = options["batch_size"]
     with tempfile.TemporaryDirectory(prefix="vq2-cas-") as folder:
-        images = DiskImages(Path(folder) / "train.u8", _batches(train, endpoint_url, region, num_classes, batch_size))
+        images = DiskImages(Path(folder) / "train.u8", _batches(train, endpoint_url, region, batch_size))
         model = fit_classifier(images, images.labels, num_classes, ClassifierConfig(**model_config), device=device,
                                **options)
     totals, tested = {}, 0
-    for test_x, test_y in _batches(test, endpoint_url, region, num_classes, batch_size):
+    for test_x, test_y in _batches(test, endpoint_url, region, batch_size):
         # Each score is a mean over the batch: weighted by its size, the mean over the whole test set.
         for name, value in evaluate_classifier(model, test_x, test_y).items():
             totals[name] = totals.get(name, 0.0) + value * len(test_y)
         tested += len(test_y)
     if not tested:
-        raise ValueError(f"CAS: no test images of the {num_classes} sampled classes")
+        raise ValueError("CAS: no test images")
     return {name: total / tested for name, total in totals.items()} | {"train_images": len(images),
                                                                       "test_images": tested}
 
 
-def _real_train_sources(dataset: Dataset, limit: int, seed: int) -> list[dict]:
-    """A seeded random subset of `limit` training images, as positions in each train shard."""
-    shards = [s for s in dataset.manifest["shards"] if s["split"] == "train"]
-    counts = [s["samples"] for s in shards]
-    total = sum(counts)
-    chosen = np.sort(np.random.default_rng(seed + 1).choice(total, min(limit, total), replace=False))
-    sources, offset = [], 0
-    for shard, count in zip(shards, counts):
-        picked = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
-        offset += count
-        if len(picked):
-            sources.append({"uri": dataset.shard_location(shard).uri, "positions": picked.tolist()})
-    return sources
+def _real_train_sources(dataset: Dataset, sampled: frozenset[int], limit: int, seed: int) -> list[dict]:
+    """A seeded random subset of `limit` training images of the sampled classes, as the keys of each shard."""
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in training_images(dataset, sampled, limit, seed + 1):
+        by_shard.setdefault(shard, []).append(key)
+    return [{"uri": shard, "keys": keys} for shard, keys in sorted(by_shard.items())]
 
 
 def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], sample_keys: dict[str, list[str]],
-            num_classes: int) -> dict[str, float]:
-    """CAS on the accepted samples and the real-data reference (images of the `num_classes` sampled
-    classes), as two Ray tasks running side by side."""
+            num_classes: int, sampled: frozenset[int]) -> dict[str, float]:
+    """CAS on the accepted samples and the real-data reference (training images of the sampled classes),
+    as two Ray tasks running side by side; each classifier has an output for each of the models'
+    `num_classes` classes and is tested on the real validation subset."""
     section, root = cfg.evaluate, ctx.root
     classifier = ctx.upstream["train_classifier"].manifest
     model_config = dict(classifier["classifier_config"])
@@ -648,12 +638,12 @@ def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], 
     for uri, key in all_keys:
         by_tar.setdefault(uri, []).append(key)
     on_samples = [{"uri": uri, "keys": keys} for uri, keys in by_tar.items()]
-    on_real = _real_train_sources(dataset, section.cas_max_images, section.seed)
+    on_real = _real_train_sources(dataset, sampled, section.cas_max_images, section.seed)
     task = ray.remote(num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0, max_retries=2)(cas_task)
     common = (num_classes, model_config, options, root.endpoint_url, root.region, section.use_gpu,
               max(1, int(section.cpus_per_actor)))
     log.info("evaluate: CAS, %d steps on %d samples and on %d real training images", section.cas_steps,
-             len(all_keys), sum(len(s["positions"]) for s in on_real))
+             len(all_keys), sum(len(s["keys"]) for s in on_real))
     samples_result, real_result = ray.get([task.remote(on_samples, test, *common), task.remote(on_real, test, *common)])
     metrics = {f"cas_{k}": v for k, v in samples_result.items() if k in ("top1", "top5", "loss")}
     metrics |= {f"cas_real_{k}": v for k, v in real_result.items() if k in ("top1", "top5", "loss")}
@@ -767,17 +757,17 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     nets = list(section.feature_nets)
     sweep_nets = [net for net, cap in net_caps(section).items() if cap is None]
     classifier_out = ctx.upstream["train_classifier"]
-    num_classes = sampled_classes(dataset, sample_result.manifest["classes"])
+    num_classes = len(sample_result.manifest["classes"])
+    sampled = sampled_labels(dataset, sample_result.manifest)
 
     # The samples, their labels and rejection scores, and the rows each sweep point compares, before any
     # features: they fix how many real training images the floors need.
     keys, tars, labels, scores = read_sample_rows(sample_result)
-    thresholds = sample_result.manifest["thresholds"]
-    accepted = scores >= np.array([thresholds.get(str(int(label)), 0.0) for label in labels])
+    accepted, _ = accept(scores, labels, cfg.sample.rejection)  # the sample stage's rule, on its config
     selections = equal_count_selections(scores, labels, section.sweep_by, section.sweep, section.seed + 6)
-    real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, num_classes)
+    real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, sampled)
     real_count = len({key for task in real_tasks for key in task["keys"]})
-    train_tasks = plan_train(dataset, section, max(real_count, int(accepted.sum()), len(selections[0])), num_classes)
+    train_tasks = plan_train(dataset, section, max(real_count, int(accepted.sum()), len(selections[0])), sampled)
     sample_tasks = plan_samples(keys, tars, accepted, section)
     vqvae_out = ctx.upstream["train_vqvae"]
     actor_args = {
@@ -800,7 +790,9 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     accepted_keys = [key for key, keep in zip(keys, accepted) if keep]
     for net in nets:
         real, recon = sets["real"][net], sets["recon"][net]
-        headline = sample_metrics(sets["samples"][net].take(accepted_keys), net, sets, floors, section)
+        # A capped net sees accepted samples only: none when rejection kept none.
+        samples = sets["samples"].get(net, Features.empty(real.dim))
+        headline = sample_metrics(samples.take(accepted_keys), net, sets, floors, section)
         if "sample_accuracy" in headline:
             headline["sample_accuracy_accepted"] = headline.pop("sample_accuracy")
         metrics |= headline
@@ -826,12 +818,15 @@ def run(cfg: PipelineConfig, ctx) -> dict:
                                           if k.startswith(("fid_", "is_", "prec", "rec", "sample_acc"))
                                           and isinstance(v, float) and not k.endswith(("_std", "_reliable"))))
 
-    if section.cas_steps > 0:
+    if section.cas_steps > 0 and not accepted.any():
+        log.warning("evaluate: rejection kept no sample, so there is no CAS (sample.rejection: %s)",
+                    cfg.sample.rejection.model_dump(exclude={"classifier"}))
+    elif section.cas_steps > 0:
         sample_keys: dict[str, list[str]] = {}
         for key, tar, keep in zip(keys, tars, accepted):
             if keep:
                 sample_keys.setdefault(tar, []).append(key)
-        metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys, num_classes)
+        metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys, num_classes, sampled)
 
     metrics |= _collected(ctx)
     metrics["feature_images_per_s"] = progress.rate

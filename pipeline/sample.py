@@ -20,8 +20,9 @@ from mlflow.entities import LoggedModelInput
 from pipeline import registry
 from pipeline.actor_pool import pool_rows
 from pipeline.checkpoints import load_model
+from pipeline.code_digest import code_digest
 from pipeline.codes import CodesLayout, codes_table, level_names, read_codes, table_tensors, write_codes
-from pipeline.config import PipelineConfig, SampleConfig
+from pipeline.config import PipelineConfig, RejectionConfig, SampleConfig
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.feature_nets import CLASSIFIER, EFFICIENTNET_LITE0, load_feature_net
 from pipeline.figures import image_grid, png_bytes
@@ -31,7 +32,7 @@ from pipeline.storage import Location
 
 NAME = "sample"
 SECTION = "sample"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's sampled_labels and lowest_accepted_scores
 # Not the shard stage: the models fix the classes, so a grown dataset is not sampled again.
 UPSTREAM = ("train_vqvae", "train_prior", "train_classifier")
 MODELS = "models"  # the registered models a run takes, copied here after their digests are checked
@@ -56,11 +57,32 @@ def upstream(cfg: PipelineConfig) -> tuple[str, ...]:
     return tuple(name for name in UPSTREAM if replaced[name] not in taken)
 
 
+def classifier_file(cfg: PipelineConfig) -> Location | None:
+    """The classifier file that `sample.rejection.classifier` names by path or URI (None: another kind)."""
+    classifier = cfg.sample.rejection.classifier
+    if classifier in ("dataset", EFFICIENTNET_LITE0) or classifier.startswith("models:"):
+        return None
+    location = Location(classifier, cfg.storage.endpoint_url, cfg.storage.region)
+    if not location.exists():
+        raise FileNotFoundError(f"sample.rejection.classifier: no file at {location.uri}; expected 'dataset', "
+                                "'efficientnet_lite0', a models:/ URI or the path or URI of a classifier file")
+    return location
+
+
 def external_inputs(cfg: PipelineConfig) -> tuple[dict[str, str], dict[str, registry.RegisteredVersion]]:
-    """A registered model is an input: the sha256 of its file enters the fingerprint (`registry.<role>`), so a
-    moved alias (a new champion) samples again, and the same weights under another version do not."""
+    """The models sampling takes from outside the pipeline's stages are inputs: the sha256 of a registered
+    model's file (`registry.<role>`: a moved alias, a new champion, samples again, the same weights under
+    another version do not) or of a classifier file, and the code of their kinds (`code.<kind>`), which a
+    training stage's fingerprint would otherwise carry."""
     resolved = {role: registry.resolve(cfg, uri) for role, uri in registry_models(cfg).items()}
-    return {f"registry.{role}": version.weights_sha256[:16] for role, version in resolved.items()}, resolved
+    inputs = {f"registry.{role}": version.weights_sha256[:16] for role, version in resolved.items()}
+    kinds = {role.split(".")[0] for role in resolved}
+    file = classifier_file(cfg)
+    if file is not None:
+        inputs["classifier_file"] = file.sha256()[:16]
+        kinds.add("classifier")
+    inputs |= {f"code.{kind}": code_digest(f"models.{kind}") for kind in sorted(kinds)}
+    return inputs, resolved
 
 
 def sample_fields(levels: int) -> list[pa.Field]:
@@ -162,11 +184,11 @@ class SampleActor:
         labels = torch.tensor(np.asarray(batch["labels"][0]).tolist(), dtype=torch.long)
         indices, seeds = list(batch["indices"][0]), [int(s) for s in batch["seeds"][0]]
         codes = sample_codes(self.priors, labels.to(self.device), seeds, self.temperatures, self.top_ks)
-        images = self.vqvae.decode_codes(codes)
+        images = to_uint8(self.vqvae.decode_codes(codes))  # rejection scores the pixels the tar keeps
         scores = self.scorer(images, labels)
         keys = [f"{self.classes[label]}/sample-{index:06d}" for label, index in zip(labels.tolist(), indices)]
         tar, parquet = batch_files(self.output, number)
-        tar.write_bytes(_tar_bytes(keys, to_uint8(images).cpu(), labels))
+        tar.write_bytes(_tar_bytes(keys, images.cpu(), labels))
         temperature = pa.FixedSizeListArray.from_arrays(
             pa.array(np.tile(np.asarray(self.temperatures, np.float32), len(keys))), len(self.temperatures))
         extra = zip(sample_fields(len(codes)), [pa.array(seeds, pa.int64()), temperature, pa.array(scores.numpy())])
@@ -197,21 +219,30 @@ def run_batches(todo: list[dict], actor_args: dict, section: SampleConfig) -> Pr
     return progress
 
 
-def accept(scores: np.ndarray, labels: np.ndarray, section: SampleConfig) -> tuple[np.ndarray, dict[int, float]]:
-    """Which samples rejection keeps, and the score threshold of each class."""
-    rejection = section.rejection
-    thresholds = {}
+def best_of_each_class(scores: np.ndarray, labels: np.ndarray, fraction: float) -> np.ndarray:
+    """The best `fraction` of each class's samples (at least one) by score: exactly that many, however many
+    scores tie (a confident classifier's softmax reaches 1.0), the earlier row first; NaN scores rank last."""
+    mask = np.zeros(len(scores), bool)
     for label in np.unique(labels):
-        class_scores = np.sort(scores[labels == label])[::-1]
-        threshold = 0.0
-        if rejection.keep_fraction is not None:
-            keep = max(1, math.ceil(rejection.keep_fraction * len(class_scores)))
-            threshold = float(class_scores[keep - 1])
-        if rejection.threshold is not None:
-            threshold = max(threshold, rejection.threshold)
-        thresholds[int(label)] = threshold
-    limits = np.array([thresholds[int(label)] for label in labels])
-    return scores >= limits, thresholds
+        rows = np.flatnonzero(labels == label)
+        keep = max(1, math.ceil(fraction * len(rows)))
+        mask[rows[np.argsort(-scores[rows], kind="stable")[:keep]]] = True
+    return mask
+
+
+def accept(scores: np.ndarray, labels: np.ndarray, rejection: RejectionConfig) -> tuple[np.ndarray, dict[int, float | None]]:
+    """Which samples rejection keeps (the rule the evaluate stage applies too), and each class's lowest
+    accepted score (None where it keeps none)."""
+    accepted = np.ones(len(scores), bool)
+    if rejection.keep_fraction is not None:
+        accepted = best_of_each_class(scores, labels, rejection.keep_fraction)
+    if rejection.threshold is not None:
+        accepted &= scores >= rejection.threshold
+    lowest = {}
+    for label in np.unique(labels):
+        kept = scores[accepted & (labels == label)]
+        lowest[int(label)] = float(kept.min()) if len(kept) else None
+    return accepted, lowest
 
 
 def read_samples(output: Location, batches: int, levels: int) -> pa.Table:
@@ -298,7 +329,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
 
     table = read_samples(ctx.output, len(batches), levels)
     labels, scores = table.column("label").to_numpy(), table.column("score").to_numpy()
-    accepted, thresholds = accept(scores, labels, section)
+    accepted, lowest_scores = accept(scores, labels, section.rejection)
     samples_png, rejection_png = _grids(table, accepted, vqvae, layout, section.grid_per_class)
     ctx.tracking.log_bytes(samples_png, "samples.png")
     ctx.tracking.log_bytes(rejection_png, "rejection_accepted_vs_rejected.png")
@@ -316,7 +347,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         "images": [batch_files(ctx.output, b["batch"])[0].uri for b in batches],
         "layout": dataclasses.asdict(layout),
         "classes": classes,
-        "thresholds": {str(k): v for k, v in thresholds.items()},
+        "sampled_labels": sorted(lowest_scores),
+        "lowest_accepted_scores": {str(k): v for k, v in lowest_scores.items()},
         "grid": "samples.png",
         "metrics": metrics,
     }

@@ -3,6 +3,7 @@ retried on transient faults by one rule (pipeline/faults.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -144,6 +145,14 @@ class Location:
                 return stream.read(-1 if limit is None else limit + 1)
 
         return self._retrying("read", read)
+
+    def sha256(self) -> str:
+        """Hex sha256 of the file's bytes, read in 4 MB chunks."""
+        digest = hashlib.sha256()
+        with self.open_read() as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def open_read(self) -> io.RawIOBase:
         """A seekable read-only stream of the file (tars, Parquet footers) whose reads are retried."""

@@ -217,35 +217,55 @@ def test_evaluate_end_to_end(tiny_pipeline, tmp_path):
     assert {PLOT, SUMMARY, "manifest.json"} <= artifacts
 
 
+@pytest.mark.slow
+def test_evaluate_completes_when_rejection_keeps_no_sample(tiny_pipeline):
+    """A threshold no sample reaches: the metrics of the accepted samples and CAS are reported as not
+    computed, the rest (reconstructions, real-image references) are still measured."""
+    from pipeline.runner import run_pipeline
+
+    cfg = tiny_pipeline.config(
+        sample={"rejection": {"keep_fraction": None, "threshold": 1.0}},
+        evaluate={"feature_nets": ["classifier"], "max_images_per_net": {"classifier": 8}, "max_real_images": 16,
+                  "cas_steps": 5, "num_actors": 1})
+    result = run_pipeline(cfg)["evaluate"]  # the stages before it are cached when other tests ran first
+    metrics = result.manifest["metrics"]
+    assert metrics["accepted_samples"] == 0 and metrics["samples"] == 24
+    assert {"fid_classifier", "fid_star_classifier"} <= set(result.manifest["not_computed"])
+    assert "cas_top1" not in metrics and math.isfinite(metrics["fid_recon_classifier"])
+
+
 def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
-    """A dataset grown under policy.on_new_data=encode may have classes the models never saw: the real
-    images for FID and CAS are those of the first `num_classes` (the sampled) classes only."""
+    """`sample.classes` may name any classes (here 0 and 2): the real images every comparison takes (FID's
+    validation images, the floors' and CAS's training images) are of those classes only."""
     import torch
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import _batches, plan_real
+    from pipeline.evaluate import _batches, _real_train_sources, plan_real, plan_train
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
     dataset = Dataset.open(results["shard"].location)
     section = EvaluateConfig(max_real_images=None, batch_size=5)
-    every = plan_real(dataset, results["encode"], section, None, None, num_classes=len(dataset.classes))
-    known = plan_real(dataset, results["encode"], section, None, None, num_classes=3)
+    every = plan_real(dataset, results["encode"], section, None, None, frozenset(range(len(dataset.classes))))
+    sampled = plan_real(dataset, results["encode"], section, None, None, frozenset({0, 2}))
     label_of = {name: index for index, name in enumerate(dataset.classes)}
-    keys = [key for task in known for key in task["keys"]]
-    assert {label_of[key.split("/")[0]] for key in keys} == {0, 1, 2}
-    assert len(keys) == sum(label_of[key.split("/")[0]] < 3 for task in every for key in task["keys"])
-    assert all(len(task["keys"]) <= 5 for task in known)
+    keys = [key for task in sampled for key in task["keys"]]
+    assert {label_of[key.split("/")[0]] for key in keys} == {0, 2}
+    assert len(keys) == sum(label_of[key.split("/")[0]] in (0, 2) for task in every for key in task["keys"])
+    assert all(len(task["keys"]) <= 5 for task in sampled)
+    train = [key for task in plan_train(dataset, section, 1000, frozenset({0, 2})) for key in task["keys"]]
+    cas_train = [key for source in _real_train_sources(dataset, frozenset({0, 2}), 1000, 0) for key in source["keys"]]
+    assert sorted(train) == sorted(cas_train) and {label_of[key.split("/")[0]] for key in train} == {0, 2}
 
-    batches = list(_batches([{"uri": task["uri"], "keys": task["keys"]} for task in every], None, None, 3, 4))
+    batches = list(_batches([{"uri": task["uri"], "keys": task["keys"]} for task in sampled], None, None, 4))
     assert all(len(images) == len(labels) <= 4 for images, labels in batches)
     labels = torch.cat([labels for _, labels in batches])
-    assert len(labels) == len(keys) and int(labels.max()) == 2
+    assert len(labels) == len(keys) and set(labels.tolist()) == {0, 2}
     assert all(images.dtype == torch.uint8 for images, _ in batches)
 
 
 def test_a_metric_task_decodes_only_the_images_it_reads(tmp_path):
-    """A task reads a few keys (or positions) of a large shard: the others are skipped before decoding, so a
+    """A task reads a few keys of a large shard: the others are skipped before decoding, so a
     corrupt image elsewhere in the tar is not touched (and a whole shard is not decoded for 64 images)."""
     import io
 
@@ -265,8 +285,8 @@ def test_a_metric_task_decodes_only_the_images_it_reads(tmp_path):
     keys, images, labels = read_images(str(path), None, None, keys=["c1/img-5", "c0/img-0"])
     assert keys == ["c1/img-5", "c0/img-0"] and labels.tolist() == [1, 0]
     assert images[:, 0, 4, 4].tolist() == pytest.approx([200, 0], abs=8)
-    assert read_images(str(path), None, None, positions=[1, 4])[0] == ["c1/img-1", "c0/img-4"]
-    batches = list(_batches([{"uri": str(path), "positions": [0, 1, 2, 4, 5]}], None, None, 2, 4))
+    batches = list(_batches([{"uri": str(path), "keys": ["c0/img-0", "c1/img-1", "c0/img-2", "c0/img-4", "c1/img-5"]}],
+                            None, None, 4))
     assert [len(labels) for _, labels in batches] == [4, 1]
     with pytest.raises(RejectedImage, match="not an image"):
         read_images(str(path), None, None)
@@ -288,12 +308,13 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     def seen(tasks):
         return Counter(net for task in tasks for net in task["nets"] for _ in task["keys"])
 
-    real = plan_real(dataset, results["encode"], section, None, None, num_classes=3)
-    available = plan_real(dataset, results["encode"], EvaluateConfig(max_real_images=None), None, None, num_classes=3)
+    first_three = frozenset({0, 1, 2})
+    real = plan_real(dataset, results["encode"], section, None, None, first_three)
+    available = plan_real(dataset, results["encode"], EvaluateConfig(max_real_images=None), None, None, first_three)
     count = min(20, sum(len(task["keys"]) for task in available))
     assert count > 6
     assert seen(real) == {"inception_v3": 6, "efficientnet_lite0": count, "classifier": count}
-    train = plan_train(dataset, section, 30, num_classes=3)
+    train = plan_train(dataset, section, 30, first_three)
     train_keys = [key for task in train for key in task["keys"]]
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     assert len(set(train_keys)) == 30 and {label_of[key.split("/")[0]] for key in train_keys} <= {0, 1, 2}
@@ -312,16 +333,16 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
 
 def test_only_the_sampled_classes_are_compared(caplog):
     """A dataset grown under policy.on_new_data=encode with a new class: evaluate warns and compares the
-    sampled (first) classes; a sample of classes the dataset orders differently is refused."""
+    classes the sample stage drew; a sample of classes the dataset orders differently is refused."""
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import sampled_classes
+    from pipeline.evaluate import sampled_labels
     from pipeline.storage import Location
 
     grown = Dataset(Location("/nowhere/shard/abc"), {"classes": ["a", "b", "c", "new"]})
-    assert sampled_classes(grown, ["a", "b", "c"]) == 3
+    assert sampled_labels(grown, {"classes": ["a", "b", "c"], "sampled_labels": [0, 2]}) == {0, 2}
     assert "real images of the new classes ['new'] are left out" in caplog.text
     with pytest.raises(RuntimeError, match="the sampled classes are not the first 2 classes of dataset"):
-        sampled_classes(grown, ["b", "a"])
+        sampled_labels(grown, {"classes": ["b", "a"], "sampled_labels": [0, 1]})
 
 
 # CAS in a process of its own, on real tars: once to warm up (lazy imports, first allocations: a 500 MB

@@ -173,7 +173,7 @@ def test_encode_and_sample_with_transient_faults_make_what_clean_runs_make(tiny_
     sampled = run_pipeline(cfg, only="sample")["sample"]
     reference = clean["sample"]
     assert not sampled.cached and sampled.fingerprint == reference.fingerprint
-    assert sampled.manifest["thresholds"] == reference.manifest["thresholds"]
+    assert sampled.manifest["lowest_accepted_scores"] == reference.manifest["lowest_accepted_scores"]
     assert read_samples(sampled.location, sampled.manifest["batches"], 2).equals(
         read_samples(reference.location, reference.manifest["batches"], 2))
     assert sum(proxy.injected.values()) > in_encode and set(proxy.injected) == set(KINDS), proxy.injected

@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 
 from jobs.cli import main as vq2
 from models.vqvae import VQVAE, vqvae_tiny
-from pipeline import registry
+from pipeline import registry, sample
+from pipeline.code_digest import code_digest
 from pipeline.checkpoints import load_model, save_model
 from pipeline.config import parse_config
 from pipeline.lineage import CONTEXT_TAG, stage_inputs
@@ -103,6 +104,12 @@ def test_a_registered_model_is_linked_to_its_run_and_loads_as_weights_only_pyfun
     assert resolved.version == version.version and resolved.fingerprint == "0123456789abcdef"
     copy = registry.fetch(cfg, resolved, Location(str(tmp_path / "copy.pt")))
     assert load_model(copy, "vqvae")[1]["image_size"] == 32
+
+    # Sampling with it: the file's digest and the code of its kind are inputs of the sample stage's fingerprint
+    # (no train_vqvae fingerprint carries models/vqvae.py here).
+    taking = cfg.model_copy(update={"sample": cfg.sample.model_copy(update={"vqvae": f"models:/{name}@champion"})})
+    assert sample.external_inputs(taking)[0] == {"registry.vqvae": resolved.weights_sha256[:16],
+                                                "code.vqvae": code_digest("models.vqvae")}
 
 
 def test_a_tampered_registered_model_file_is_refused_and_never_run(registered_vqvae, mlflow_server, s3_server,

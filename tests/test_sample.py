@@ -12,6 +12,7 @@ from PIL import Image
 from models.sampling import sample_codes
 from pipeline.checkpoints import load_model
 from pipeline.codes import table_tensors
+from pipeline.feature_nets import CLASSIFIER, load_feature_net
 from pipeline.runner import run_pipeline
 from pipeline.sample import batch_files, read_samples, sample_seed
 from pipeline.storage import Location
@@ -38,13 +39,25 @@ def test_samples_grids_and_rejection(tiny_pipeline):
     table = read_samples(result.location, manifest["batches"], levels=2)
     assert len(set(table.column("key").to_pylist())) == CLASSES * PER_CLASS
     scores, labels = table.column("score").to_numpy(), table.column("label").to_numpy()
+    assert manifest["sampled_labels"] == list(range(CLASSES))
     for label in range(CLASSES):
-        threshold = manifest["thresholds"][str(label)]
-        assert (scores[labels == label] >= threshold).sum() == 2
+        lowest = manifest["lowest_accepted_scores"][str(label)]
+        assert (scores[labels == label] >= lowest).sum() == 2
+    # Each score is the classifier's on the PNG the tar holds (the decoder's output clamped and quantised),
+    # not on the float image before it: rejection judges the sample that is kept.
+    classifier = load_feature_net(CLASSIFIER, run_pipeline(cfg, only="train_classifier")["train_classifier"].location
+                                  / "classifier.pt")
+    score_of = dict(zip(table.column("key").to_pylist(), scores))
     images = 0
     for uri in manifest["images"]:
         for sample in wds.DataPipeline(wds.SimpleShardList([Location(uri).path]), wds.tarfile_to_samples()):
-            assert Image.open(io.BytesIO(sample["png"])).size == (32, 32)
+            png = Image.open(io.BytesIO(sample["png"]))
+            assert png.size == (32, 32)
+            pixels = torch.from_numpy(np.array(png)).permute(2, 0, 1)[None]
+            label = int(sample["cls"])
+            with torch.no_grad():
+                rescored = classifier.logits(pixels).softmax(-1)[0, label].item()
+            assert rescored == pytest.approx(score_of[sample["__key__"]], abs=1e-5), sample["__key__"]
             images += 1
     assert images == CLASSES * PER_CLASS
 
@@ -115,3 +128,40 @@ def test_classes_come_from_the_models_not_the_dataset():
         trained_classes(ctx(4))
     with pytest.raises(ValueError, match=r"sample.classes \[3\] are not indices of the 3 classes the models"):
         plan(SampleConfig(classes=[3]), 3)
+
+
+def test_rejection_keeps_its_fraction_exactly_whatever_the_ties():
+    """A confident classifier's softmax reaches 1.0 for several samples: the keep fraction still keeps
+    exactly its count of each class (the earlier row first); NaN scores rank last; a threshold applies on top."""
+    from pipeline.config import RejectionConfig
+    from pipeline.sample import accept
+
+    scores = np.array([1.0, 1.0, 1.0, 0.909, np.nan, np.nan, 0.9, 0.8], dtype=np.float32)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    accepted, lowest = accept(scores, labels, RejectionConfig(keep_fraction=0.5))
+    assert accepted.tolist() == [True, True, False, False, False, False, True, True]
+    assert lowest == {0: 1.0, 1: pytest.approx(0.8)}
+    accepted, lowest = accept(scores, labels, RejectionConfig(keep_fraction=0.5, threshold=0.85))
+    assert accepted.tolist() == [True, True, False, False, False, False, True, False]
+    accepted, lowest = accept(scores, labels, RejectionConfig(threshold=0.95))
+    assert accepted.tolist() == [True, True, True, False, False, False, False, False] and lowest[1] is None
+
+
+def test_a_classifier_file_enters_the_fingerprint_by_content_and_code(tmp_path):
+    """A classifier given by path: its bytes are an input (overwriting the file samples again), and so is
+    the code of its kind, which no training stage's fingerprint carries here; a missing file names the key."""
+    from conftest import section_config
+    from pipeline import code_digest
+    from pipeline.sample import external_inputs
+
+    path = tmp_path / "my_classifier.pt"
+    path.write_bytes(b"weights v1")
+    cfg = section_config(tmp_path, sample={"rejection": {"classifier": str(path)}})
+    first, _ = external_inputs(cfg)
+    path.write_bytes(b"weights v2")
+    second, _ = external_inputs(cfg)
+    assert first["classifier_file"] != second["classifier_file"]
+    assert first["code.classifier"] == code_digest.code_digest("models.classifier")
+    assert external_inputs(section_config(tmp_path))[0] == {}  # the pipeline's own classifier: its stage's fingerprint
+    with pytest.raises(FileNotFoundError, match="sample.rejection.classifier: no file at"):
+        external_inputs(section_config(tmp_path, sample={"rejection": {"classifier": str(tmp_path / "none.pt")}}))
