@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.storage import MANIFEST, Location, UnsafeKeyError, validate_key
 
@@ -63,7 +64,11 @@ def _check_tar(data: bytes, shard: dict, classes: int, seen: set[str]) -> list[s
             if not member.isfile():
                 problems.append(f"{name}: member {member.name} is not a regular file")
                 continue
-            key, _, extension = member.name.partition(".")
+            # Split as the reader splits it (at the first dot of the base name): a class folder may hold a dot.
+            key, extension = base_plus_ext(member.name)
+            if key is None:  # no extension: the reader skips it
+                problems.append(f"{name}: unexpected member {member.name}")
+                continue
             members[key] += 1
             payload = tar.extractfile(member).read()
             if extension == "cls" and not (payload.isdigit() and int(payload) < classes):

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.faults import BadInput
 
@@ -38,15 +38,17 @@ class ImageSettings:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: 16-bit grey by its top 8 bits, transparent pixels white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit (or 32-bit integer) greyscale: keep the top 8 bits instead of clipping at 255.
-        values = np.asarray(image, dtype=np.uint32)
-        shift = 8 if values.max(initial=0) > 255 else 0
-        image = Image.fromarray((values >> shift).clip(0, 255).astype(np.uint8), "L")
+        # Scaled by the bit depth, never by the image's own values, so a grey level means one thing in every
+        # image. Pillow's "I" holds 16-bit samples too (it scales 16-bit PGMs to 0..65535).
+        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray((values >> 8).astype(np.uint8), "L")
     elif image.mode == "F":
         raise RejectedImage("unsupported mode F (floating point)")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if "transparency" in image.info:
+        # A transparent palette entry, grey level or colour (PNG tRNS): made an alpha channel, handled below.
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         # Transparent pixels become white, as a viewer would show them, not black.
         rgba = image.convert("RGBA")
@@ -56,12 +58,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centred square of the image, resized to size x size."""
     width, height = image.size
-    scale = size / min(width, height)
-    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=2.0)
-    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    # The square is cut in source coordinates (resize's box), so memory is bounded by the output: scaling the
+    # whole image until its short side fits made a 1x200000 image 256x51200000 pixels before the crop.
+    box = (left, top, left + side, top + side)
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
 
 
 def _open_bounded(data: bytes, max_pixels: int) -> Image.Image:
@@ -102,7 +106,10 @@ def process_image(data: bytes, settings: ImageSettings) -> bytes:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
                 image.draft("RGB", (settings.image_size, settings.image_size))
             image.load()
-            keep_original = not settings.reencode and image.format == "JPEG" and image.mode == "RGB"
+            # A JPEG that EXIF says to rotate or flip is re-encoded upright (below), as with reencode true:
+            # readers show the stored pixels as they are.
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+            keep_original = not settings.reencode and image.format == "JPEG" and image.mode == "RGB" and upright
             if keep_original:
                 return data
             image = _to_rgb(ImageOps.exif_transpose(image))

@@ -138,15 +138,43 @@ def _previous_versions(stage_root: Location, config: dict, own: str) -> list[tup
     return sorted(versions, key=lambda item: item[0]["created"], reverse=True)
 
 
+def _sources(listing: Listing) -> dict[tuple[str, str], str]:
+    """Each listed sample's source path, by (split, key)."""
+    return {(entry.split, entry.key): entry.path for entry in listing.entries}
+
+
+def _still_listed(index: pa.Table, sources: dict[tuple[str, str], str]) -> bool:
+    """Whether every sample of a version's index is listed and still comes from the file it was made from."""
+    # A key can change files (x.png, once a duplicate of x.jpg's key, is the key's file when x.jpg is gone):
+    # a kept shard would then hold another image than the listing names. A version without paths in its index
+    # (written before they, and the "by" of its rejections, were kept) cannot tell.
+    if "path" not in index.column_names:
+        return False
+    rows = zip(index["split"].to_pylist(), index["key"].to_pylist(), index["path"].to_pylist(), strict=True)
+    return all(sources.get((split, key)) == path for split, key, path in rows)
+
+
 def _find_base(ctx, listing: Listing, config: dict) -> tuple[dict, pa.Table] | None:
-    """The newest earlier version whose samples are all still in the listing: its shards are kept."""
-    listed = {(entry.split, entry.key) for entry in listing.entries}
+    """The newest earlier version whose samples are all still listed, from the same files: its shards are kept."""
+    sources = _sources(listing)
     for manifest, folder in _previous_versions(ctx.output.parent, config, ctx.fingerprint):
         index = pq.read_table(io.BytesIO((folder / INDEX).read_bytes()))
-        if all(pair in listed for pair in zip(index["split"].to_pylist(), index["key"].to_pylist(), strict=True)):
+        if _still_listed(index, sources):
             return manifest, index
-        log.info("shard: version %s has samples no longer listed; not growing from it", manifest["fingerprint"])
+        log.info("shard: version %s has samples no longer listed or from other files; not growing from it",
+                 manifest["fingerprint"])
     return None
+
+
+def _carried_rejections(base, listing: Listing) -> list[dict]:
+    """The base version's rejections of files it read that are still listed as samples: not read again.
+
+    A rejection by the listing (a bad name, a duplicate key) is never carried: the new listing decides it
+    again, and a duplicate whose key's first file is gone is now a sample to read."""
+    if not base:
+        return []
+    entries = {entry.path for entry in listing.entries}
+    return [item for item in base[0]["rejected"] if item["by"] == "reading" and item["path"] in entries]
 
 
 def _plan(listing: Listing, classes: dict[str, int], base, shard_size: int, source: Location, output: Location):
@@ -157,7 +185,7 @@ def _plan(listing: Listing, classes: dict[str, int], base, shard_size: int, sour
     if base:
         manifest, index = base
         done_keys = set(zip(index["split"].to_pylist(), index["key"].to_pylist(), strict=True))
-        done_paths = {item["path"] for item in manifest["rejected"]}
+        done_paths = {item["path"] for item in _carried_rejections(base, listing)}
         for shard in manifest["shards"]:
             next_index[shard["split"]] = max(next_index[shard["split"]], int(shard["name"][6:12]) + 1)
     new: dict[str, list[Entry]] = defaultdict(list)
@@ -229,9 +257,10 @@ def _execute(tasks: list[ShardTask], settings: ImageSettings, cfg: PipelineConfi
     return records, progress
 
 
-def _index_table(base, records: list[dict], fingerprint: str) -> pa.Table:
-    """One row per accepted sample (split, key, label, shard): the base version's rows, then the new ones."""
-    columns = {"split": [], "key": [], "label": [], "shard": []}
+def _index_table(base, records: list[dict], fingerprint: str, sources: dict[tuple[str, str], str]) -> pa.Table:
+    """One row per accepted sample (split, key, label, shard, source path): the base version's rows, then the
+    new ones."""
+    columns = {"split": [], "key": [], "label": [], "shard": [], "path": []}
     for record in records:
         shard = f"{fingerprint}/{record['split']}/{record['name']}"
         for key, label in zip(record["keys"], record["labels"], strict=True):
@@ -239,7 +268,9 @@ def _index_table(base, records: list[dict], fingerprint: str) -> pa.Table:
             columns["key"].append(key)
             columns["label"].append(label)
             columns["shard"].append(shard)
-    schema = pa.schema([("split", pa.string()), ("key", pa.string()), ("label", pa.int32()), ("shard", pa.string())])
+            columns["path"].append(sources[(record["split"], key)])
+    schema = pa.schema([("split", pa.string()), ("key", pa.string()), ("label", pa.int32()), ("shard", pa.string()),
+                        ("path", pa.string())])
     table = pa.table(columns, schema=schema)
     return pa.concat_tables([base[1].cast(schema), table]) if base else table
 
@@ -262,10 +293,10 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         {key: record[key] for key in ("split", "name", "samples", "bytes", "sha256")} | {"dataset": ctx.fingerprint}
         for record in records
     ]
-    listed_paths = {entry.path for entry in listing.entries}
-    rejected = [item for item in base[0]["rejected"] if item["path"] in listed_paths] if base else []
-    rejected += [{"path": item.path, "reason": item.reason} for item in listing.rejected]
-    rejected += [item for record in records for item in record["rejected"]]
+    # "by" tells a growing version which rejections to carry (those of reading) and which to decide again.
+    rejected = _carried_rejections(base, listing)
+    rejected += [{"path": item.path, "reason": item.reason, "by": "listing"} for item in listing.rejected]
+    rejected += [item | {"by": "reading"} for record in records for item in record["rejected"]]
     rejected.sort(key=lambda item: item["path"])
     accepted = sum(shard["samples"] for shard in shards)
     # Every listed path is accounted for exactly once; a mismatch is a bug, never a silent loss.
@@ -278,7 +309,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
             raise SourceError(f"dataset.source {source}: no usable image in split {split!r}; "
                               f"{len(reasons)} rejected, the first {reasons[0]}")
 
-    index = _index_table(base, records, ctx.fingerprint)
+    index = _index_table(base, records, ctx.fingerprint, _sources(listing))
     sink = io.BytesIO()
     pq.write_table(index, sink, compression="zstd")
     (ctx.output / INDEX).write_bytes(sink.getvalue())

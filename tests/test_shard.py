@@ -196,6 +196,72 @@ def test_growth_is_append_only(ray_local, tracking_uri, tmp_path):
     assert v3.manifest["counts"]["accepted"] == len(v2_index) + 4 * 2
 
 
+def _image(path: Path, color=(200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40), color).save(path)
+
+
+def _pixel(dataset: Dataset, split: str, key: str) -> tuple[int, int, int]:
+    """The centre pixel of one stored sample."""
+    samples = wds.WebDataset([shard.path for shard in dataset.shards(split)], shardshuffle=False)
+    data = next(sample["jpg"] for sample in samples if sample["__key__"] == key)
+    return Image.open(io.BytesIO(data)).convert("RGB").getpixel((16, 16))
+
+
+def test_growth_when_a_key_now_comes_from_another_file(ray_local, tracking_uri, tmp_path):
+    """x.png was a duplicate of x.jpg's key a/x; with x.jpg gone a/x is x.png, another image, so the shard that
+    holds x.jpg's a/x cannot be kept: the next version is sharded from scratch, with x.png as a/x."""
+    source = tmp_path / "corpus"
+    for name in ("train/a/x.jpg", "train/a/y.jpg", "val/a/v.jpg"):
+        _image(source / name)
+    _image(source / "train/a/x.png", (0, 0, 255))
+    cfg = make_config(tmp_path / "root", source, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    assert [item["path"] for item in v1.manifest["rejected"]] == ["train/a/x.png"]
+    (source / "train/a/x.jpg").unlink()
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.manifest["base"] is None
+    check_dataset(v2, 3, set())
+    red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
+    assert blue > 200 and red < 50
+
+
+def test_growth_reads_a_file_that_is_no_longer_a_duplicate(ray_local, tracking_uri, tmp_path):
+    """A rejection of the listing (a duplicate key) is decided again by the new listing; one of reading a file
+    (not an image) is kept while the file is listed, and the file is not read again."""
+    source = tmp_path / "corpus"
+    (source / "train/a").mkdir(parents=True)
+    (source / "train/a/x.jpg").write_bytes(b"not a jpeg")
+    (source / "train/a/z.jpg").write_bytes(b"not a jpeg either")
+    _image(source / "train/a/x.png", (0, 0, 255))
+    _image(source / "train/a/y.jpg")
+    _image(source / "val/a/v.jpg")
+    cfg = make_config(tmp_path / "root", source, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    assert {item["path"] for item in v1.manifest["rejected"]} == {"train/a/x.jpg", "train/a/x.png", "train/a/z.jpg"}
+    (source / "train/a/x.jpg").unlink()
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.manifest["base"] == v1.fingerprint
+    assert v2.manifest["shards"][: len(v1.manifest["shards"])] == v1.manifest["shards"]
+    check_dataset(v2, 4, {"train/a/z.jpg"})
+    assert v2.manifest["rejected"][0]["reason"] == "not an image"
+    red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
+    assert blue > 200 and red < 50
+
+
+def test_verify_accepts_a_class_folder_with_a_dot(ray_local, tracking_uri, tmp_path):
+    """A member name is split at the first dot of its base name, as the reader splits it: St.Bernard/1.jpg is
+    sample St.Bernard/1, member jpg."""
+    source = tmp_path / "corpus"
+    _image(source / "train/St.Bernard/1.jpg")
+    _image(source / "val/St.Bernard/2.jpg")
+    result = run_pipeline(make_config(tmp_path / "root", source, tracking_uri), only="shard")["shard"]
+    assert [sample["__key__"] for sample in wds.WebDataset(
+        [shard.path for shard in Dataset.open(result.location).shards("train")], shardshuffle=False
+    )] == ["St.Bernard/1"]
+    assert verify(result.location) == []
+
+
 def test_verify_finds_damage_and_cli(ray_local, corpus, tracking_uri, tmp_path, capsys):
     result = run_pipeline(make_config(tmp_path / "root", corpus.path, tracking_uri), only="shard")["shard"]
     assert vq2(["verify", result.location.uri]) == 0
