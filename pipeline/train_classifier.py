@@ -95,6 +95,7 @@ def train_loop(config: dict) -> None:
     model = ResNetClassifier(config["model_config"]).to(dev, memory_format=layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=section.lr, weight_decay=section.weight_decay)
     step = resumed_from = training.restore(model, optimizer)
+    training.seed_rank_stream((section.seed,), rank, step)
     ddp_model = ray.train.torch.prepare_model(model)
 
     # Each rank streams its own train shards (round-robin), repeating, so all ranks take the same number of
@@ -143,8 +144,8 @@ def train_loop(config: dict) -> None:
             loss_sum = correct = seen = 0.0
             tracking.log_metrics(metrics, step)
             if rank == 0:
-                log.info("train_classifier step %d/%d loss %.4f accuracy %.3f %.0f images/s", step, section.steps,
-                         metrics["train_loss"], metrics["train_accuracy"], metrics["images_per_s"])
+                log.info("train_classifier step %d/%d loss %.4f accuracy %.3f %s images/s", step, section.steps,
+                         metrics["train_loss"], metrics["train_accuracy"], training.rate_text(metrics["images_per_s"]))
         if step % section.validate_every == 0 or step == section.steps:
             val_metrics = _validate(model, val_shards, val_limit, dev, section.loader_workers)
             tracking.log_metrics(val_metrics, step)

@@ -108,11 +108,12 @@ def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig,
     section = config["cfg"].train_prior
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(section.seed + level)
+    torch.manual_seed(section.seed + level)  # identical initial weights on every rank
 
     model = CodePrior(prior_config).to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
     step = resumed_from = 0 if state is None else training.load_state(model, optimizer, state)
+    training.seed_rank_stream((section.seed, level), rank, step)
     ddp_model = ray.train.torch.prepare_model(model)
     conditional = model.cfg.num_classes > 0
 
@@ -150,8 +151,8 @@ def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig,
             running = []
             tracking.log_metrics(metrics, step)
             if rank == 0:
-                log.info("train_prior %s step %d/%d loss %.3f bits/dim %.0f images/s", name, step, section.steps,
-                         metrics[f"{name}_train_loss_bits"], metrics[f"{name}_images_per_s"])
+                log.info("train_prior %s step %d/%d loss %.3f bits/dim %s images/s", name, step, section.steps,
+                         metrics[f"{name}_train_loss_bits"], training.rate_text(metrics[f"{name}_images_per_s"]))
         validate = step % section.validate_every == 0 or step == section.steps
         val_metrics = _validate(model, level, name, config, evaluation, tracking, step, dev) if validate and rank == 0 else {}
         if step % section.checkpoint_every == 0 or step == section.steps:

@@ -46,6 +46,7 @@ def train_loop(config: dict) -> None:
     model = VQVAE(config["model_config"]).to(dev, memory_format=layout)
     optimizer = torch.optim.Adam(model.parameters(), lr=section.lr)
     step = resumed_from = training.restore(model, optimizer)
+    training.seed_rank_stream((section.seed,), rank, step)
     # The EMA codebooks sync themselves (all-reduce); DDP must not overwrite them from rank 0 on
     # every forward (it still syncs them once at start, which a resume relies on).
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
@@ -87,8 +88,8 @@ def train_loop(config: dict) -> None:
             metrics = _step_metrics(out, optimizer, throughput)
             tracking.log_metrics(metrics, step)
             if rank == 0:
-                log.info("train_vqvae step %d/%d loss %.4f recon %.4f %.0f images/s", step, section.steps,
-                         metrics["loss"], metrics["recon_loss"], metrics["images_per_s"])
+                log.info("train_vqvae step %d/%d loss %.4f recon %.4f %s images/s", step, section.steps,
+                         metrics["loss"], metrics["recon_loss"], training.rate_text(metrics["images_per_s"]))
         validate = step % section.validate_every == 0 or step == section.steps
         val_metrics = _validate(model, validation, tracking, step, dev) if validate and rank == 0 else {}
         if step % section.checkpoint_every == 0 or step == section.steps:

@@ -1,7 +1,8 @@
-"""What the Ray Train stages share: scaling and run configs, checkpoints, LR schedule, worker tracking."""
+"""What the Ray Train stages share: scaling and run configs, checkpoints, LR schedule, seeds, worker tracking."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -73,6 +74,28 @@ def learning_rate(section: TrainerConfig, step: int) -> float:
         return section.lr
     progress = (step - section.warmup_steps) / max(1, section.steps - section.warmup_steps)
     return section.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def stream_seed(key: tuple[int, ...], rank: int, step: int) -> int:
+    """The seed of one rank's training randomness (dropout, ...) from `step` on: `key` (the stage's seed, the level)
+    names the model; every rank and every step a run starts or resumes from gets a stream of its own."""
+    # Hashed, not summed: with a sum, one rank's stream after a resume could be another's from step 0.
+    # repr takes any int, a negative configured seed too.
+    digest = hashlib.blake2b(repr((tuple(key), rank, step)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def seed_rank_stream(key: tuple[int, ...], rank: int, step: int) -> None:
+    """Seed torch (CPU and GPUs) with this rank's stream_seed. Call it once the weights are built from the shared
+    seed and the checkpoint is restored: DDP averages the gradients of different dropout masks, and a resume does
+    not replay step 0's. What must agree across ranks (the VQ-VAE's codebook draws) is broadcast from rank 0."""
+    torch.manual_seed(stream_seed(key, rank, step))
+
+
+def rate_text(rate: float) -> str:
+    """A rate for a progress line: whole numbers from 100 up, three significant digits below (a paper-size model
+    on a CPU can take seconds per image: its line must not read 0 images/s)."""
+    return f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"
 
 
 def device(section: TrainerConfig) -> torch.device:

@@ -163,6 +163,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str):
     for q in model.quantizers:
         q.restart_after = 2
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    # A random stream of its own per rank once the weights are built, as the trainers seed it
+    # (training.seed_rank_stream): the codebook draws agree only through rank 0's broadcast.
+    torch.manual_seed(1000 + rank)
     opt = torch.optim.Adam(ddp.parameters(), 1e-3)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) * 2 - 1
     for _ in range(6):

@@ -198,3 +198,85 @@ def test_each_pass_deals_every_code_row_to_exactly_one_rank(tmp_path):
                 for stream in streams]
         assert sorted(rows[0] + rows[1]) == list(range(24))  # every row once, to one rank
         assert all(len({r // 6 for r in rank_rows}) == 2 for rank_rows in rows)  # two whole files each
+
+
+def test_every_rank_and_resume_step_gets_its_own_torch_seed():
+    from pipeline.training import stream_seed
+
+    keys = [((seed, level), rank, step) for seed in (0, 1, -1) for level in (0, 1) for rank in range(4)
+            for step in (0, 1, 104_729)]
+    seeds = [stream_seed(*key) for key in keys]
+    assert len(set(seeds)) == len(keys) and all(0 <= seed < 2**64 for seed in seeds)  # torch.manual_seed's range
+    assert seeds == [stream_seed(*key) for key in keys]  # a rerun from the same checkpoint draws the same masks
+
+
+def test_a_rate_keeps_three_significant_digits_below_100():
+    from pipeline.training import rate_text
+
+    assert [rate_text(rate) for rate in (0.0123, 2.5, 99.44, 1234.6)] == ["0.0123", "2.5", "99.4", "1235"]
+
+
+def _train_top_prior_in_process(monkeypatch, tmp_path, rank: int, state: dict | None = None, steps: int = 2):
+    """train_prior's level loop for the top prior as `rank` of two, in this process with Ray Train's calls stubbed;
+    torch's RNG state at the start of each step (what dropout draws from)."""
+    import dataclasses
+    import types
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from models.prior import prior_tiny_top
+    from pipeline import train_prior
+    from pipeline.config import TrainPriorConfig
+    from pipeline.storage import Location
+    from pipeline.tracking import StageRun
+
+    context = types.SimpleNamespace(get_world_rank=lambda: rank, get_world_size=lambda: 2)
+    monkeypatch.setattr(ray.train, "get_context", lambda: context)
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
+    monkeypatch.setattr(train_prior.training, "report", lambda metrics, state=None: None)
+    monkeypatch.setattr(train_prior, "_validate", lambda *args: {})
+    monkeypatch.setattr(train_prior, "save_model", lambda *args, **kwargs: None)
+    data = torch.Generator().manual_seed(rank)  # its own generator: the data draws nothing from torch's stream
+    monkeypatch.setattr(train_prior, "rank_batches", lambda *args: iter(
+        lambda: (torch.zeros(4, dtype=torch.long), [torch.randint(64, (4, 4, 4), generator=data)]), None))
+    rng_states = []
+    monkeypatch.setattr(train_prior, "maybe_inject_fault", lambda *args: rng_states.append(torch.get_rng_state()))
+    config = {"cfg": types.SimpleNamespace(train_prior=TrainPriorConfig(steps=steps, log_every=1)), "pieces": None,
+              "layout": None, "output": Location(str(tmp_path)), "fault": None}
+    train_prior._train_level(config, 0, "top", dataclasses.replace(prior_tiny_top(), dropout=0.5), state,
+                             StageRun(None, None), None, torch.device("cpu"))
+    return rng_states
+
+
+def test_every_rank_draws_its_own_dropout_masks(monkeypatch, tmp_path):
+    import torch
+
+    rank0, rank1 = (_train_top_prior_in_process(monkeypatch, tmp_path, rank) for rank in range(2))
+    assert not torch.equal(rank0[0], rank1[0])
+    assert all(torch.equal(a, b) for a, b in zip(rank0, _train_top_prior_in_process(monkeypatch, tmp_path, 0)))
+
+
+def test_a_resumed_level_does_not_replay_the_dropout_masks_of_step_0(monkeypatch, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from models.prior import CodePrior, prior_tiny_top
+
+    model = CodePrior(dataclasses.replace(prior_tiny_top(), dropout=0.5))
+    state = {"level": "top", "model": model.state_dict(),
+             "optimizer": torch.optim.Adam(model.parameters()).state_dict(), "step": 5}
+    fresh = _train_top_prior_in_process(monkeypatch, tmp_path, 0)
+    resumed = _train_top_prior_in_process(monkeypatch, tmp_path, 0, state, steps=7)
+    assert len(resumed) == 2 and not torch.equal(fresh[0], resumed[0])
+
+
+def test_a_slow_step_logs_its_images_per_second(monkeypatch, tmp_path, caplog):
+    from pipeline import training
+
+    monkeypatch.setattr(training.Throughput, "rate", lambda self: 0.0123)  # a paper-size prior on a CPU
+    caplog.set_level("INFO", logger="pipeline.train_prior")
+    _train_top_prior_in_process(monkeypatch, tmp_path, 0)
+    assert "train_prior top step 1/2 loss" in caplog.text and "0.0123 images/s" in caplog.text
