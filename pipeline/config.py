@@ -6,10 +6,11 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -441,6 +442,36 @@ class PipelineConfig(Section):
     name: str = Field("pipeline", description="config name, default the file name without extension")
 
 
+CREDENTIALS_FROM = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the AWS credential chain) for storage; "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, or the whole "
+                    "URI in MLFLOW_TRACKING_URI for MLflow")
+
+
+def redact_uri(value: str) -> str:
+    """`value` with the password of a URI's user info replaced by ***; anything else unchanged."""
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:  # not a URI (a malformed host, say): nothing to hide in it
+        return value
+    if not password:
+        return value
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
+def _uri_passwords(tree: Any, dotted: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, redacted value) of every string in a config tree that is a URI with a password."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _uri_passwords(value, f"{dotted}.{key}" if dotted else str(key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _uri_passwords(value, f"{dotted}.{index}")
+    elif isinstance(tree, str) and redact_uri(tree) != tree:
+        yield dotted, redact_uri(tree)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     parts = dotted.split(".")
     node = tree
@@ -452,6 +483,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     node[parts[-1]] = value
 
 
+def _override_name(override: str) -> str:
+    """How errors name an override: as given, less a URI password."""
+    key, separator, text = override.partition("=")
+    return f"override {key + separator + redact_uri(text)!r}"
+
+
 def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
     """Return `tree` with each `key.sub=value` applied; values are parsed as YAML scalars."""
     tree = json.loads(json.dumps(tree))
@@ -459,8 +496,17 @@ def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r}: expected key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, f"override {override!r}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, _override_name(override))
     return tree
+
+
+def _source(dotted: str, overridden: Mapping[str, str], origin: str) -> str:
+    """Where the value at `dotted` came from: the override that set it (or a section above it), else the file."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in overridden:
+            return _override_name(overridden[".".join(parts[:end])])
+    return origin
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
@@ -478,20 +524,32 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
     return dotted, f"expected: {expected} (got {error['input']!r})"
 
 
+def _refuse_passwords(tree: Mapping[str, Any], overridden: Mapping[str, str], origin: str) -> None:
+    """A ConfigError naming every URI in the tree that carries a password (shown as ***).
+
+    Refused, not redacted: a config value reaches params, the config artifact, manifests, MLflow's lineage and
+    error messages, and a password kept in it would have to be hidden in each of them."""
+    lines = [f"{_source(dotted, overridden, origin)}: {dotted}: expected: a URI without a password (got "
+             f"{redacted!r}); credentials come from the environment: {CREDENTIALS_FROM}"
+             for dotted, redacted in _uri_passwords(tree)]
+    if lines:
+        raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
+
+
 def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Validate a config tree; errors name `origin` (the file) or the override, the dotted key and what fits."""
     overrides = list(overrides)
     overridden = {o.partition("=")[0].strip(): o for o in overrides}
     tree = apply_overrides(dict(tree), overrides)
     tree.setdefault("name", Path(origin).stem)
+    _refuse_passwords(tree, overridden, origin)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             dotted, expected = _describe(item, PipelineConfig)
-            source = f"override {overridden[dotted]!r}" if dotted in overridden else origin
-            lines.append(f"{source}: {dotted}: {expected}")
+            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: {expected}")
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines)) from None
 
 

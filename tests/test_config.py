@@ -167,3 +167,35 @@ def test_well_formed_storage_uris_pass():
     assert (cfg.storage.root, cfg.dataset.source, cfg.dataset.listing) == (
         "s3://bucket/runs", "memory://corpus", "file:///srv/listing.txt")
     assert cfg.storage.retry.attempts == 3 and cfg.storage.retry.backoff_s == 0.2
+
+
+@pytest.mark.parametrize(
+    "key, uri, redacted",
+    [
+        ("storage.endpoint_url", "https://AKIAEXAMPLE:wJalrSECRET@s3.internal:9000",
+         "https://AKIAEXAMPLE:***@s3.internal:9000"),
+        ("mlflow.tracking_uri", "postgresql://vq2:wJalrSECRET@db.internal/mlflow", "postgresql://vq2:***@db.internal/mlflow"),
+        ("storage.root", "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs", "s3://AKIAEXAMPLE:***@bucket/runs"),
+        ("dataset.source", "https://me:wJalrSECRET@images.example.com/corpus", "https://me:***@images.example.com/corpus"),
+    ],
+)
+def test_a_uri_with_a_password_is_refused_without_repeating_it(tmp_path, key, uri, redacted):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), [f"{key}={uri}"])
+    message = str(error.value)
+    assert f"override '{key}=" in message and f": {key}: expected: a URI without a password (got '{redacted}')" in message
+    assert "credentials come from the environment" in message and "wJalrSECRET" not in message
+    section, name = key.split(".")
+    tree = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}, section: {name: uri}}
+    if section == "storage":
+        tree["storage"].setdefault("root", "runs/x")
+    with pytest.raises(ConfigError, match=rf"pipeline.yaml: {re.escape(key)}: expected: a URI without a password"):
+        load_config(write(tmp_path, yaml.safe_dump(tree)))
+
+
+def test_redact_uri_hides_only_a_password():
+    from pipeline.config import redact_uri
+
+    assert redact_uri("https://user:pass@host:9000/path?q=1") == "https://user:***@host:9000/path?q=1"
+    for clean in ("s3://bucket/runs", "https://user@host/x", "/local/path", "sqlite:////tmp/mlflow.db", "auto"):
+        assert redact_uri(clean) == clean
