@@ -9,11 +9,12 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from pipeline.faults import RetryPolicy
 
@@ -174,14 +175,25 @@ class MlflowConfig(Section):
     )
 
 
-def check_model_overrides(overrides: dict[str, Any], model_config: type) -> dict[str, Any]:
-    """`overrides` if every key is a field of the model's config dataclass, else a ValueError listing them."""
+def check_model_overrides(overrides: dict[str, Any], model_config: type, where: str = "") -> dict[str, Any]:
+    """`overrides` as values of the model config dataclass's field types (so 1 and 1.0 of a float are one
+    fingerprint, and "abc" for a width fails here, not inside the stage); else a ValueError naming the key
+    (`where` + key) and what it expects."""
     assert is_dataclass(model_config)
     names = [f.name for f in fields(model_config)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown model key(s) {', '.join(unknown)}; expected some of: {', '.join(names)}")
-    return overrides
+        raise ValueError(f"unknown model key(s) {', '.join(where + key for key in unknown)}; expected some of: "
+                         f"{', '.join(names)}")
+    types = get_type_hints(model_config)
+    checked = {}
+    for key, value in overrides.items():
+        try:
+            checked[key] = TypeAdapter(types[key]).validate_python(value)
+        except ValidationError as error:
+            expected = "; ".join(item["msg"].removeprefix("Input should be ") for item in error.errors())
+            raise ValueError(f"{where}{key}: {expected}") from None
+    return checked
 
 
 class TrainerConfig(Section):
@@ -266,11 +278,10 @@ class TrainPriorConfig(TrainerConfig):
 
         derived = {"grid", "codebook_size", "num_classes", "condition_grids", "condition_codebook_sizes"}
         for level, overrides in value.items():
-            check_model_overrides(overrides, PriorConfig)
             fixed = sorted(derived & set(overrides))
             if fixed:
                 raise ValueError(f"{level}: {', '.join(fixed)} come from the code tables and dataset, not config")
-        return value
+        return {level: check_model_overrides(overrides, PriorConfig, f"{level}.") for level, overrides in value.items()}
 
 
 class TrainClassifierConfig(ImageTrainerConfig):
@@ -293,10 +304,9 @@ class TrainClassifierConfig(ImageTrainerConfig):
     def _known_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         from models.classifier import ClassifierConfig
 
-        check_model_overrides(value, ClassifierConfig)
         if "num_classes" in value:
             raise ValueError("num_classes comes from the dataset, not config")
-        return value
+        return check_model_overrides(value, ClassifierConfig)
 
 
 class RejectionConfig(Section):
@@ -501,11 +511,14 @@ def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
 
 
 def _source(dotted: str, overridden: Mapping[str, str], origin: str) -> str:
-    """Where the value at `dotted` came from: the override that set it (or a section above it), else the file."""
+    """Where the value at `dotted` came from: the override that set it, a section above it or a key within it
+    (train_prior.models.top.channels=64.5 for an error about train_prior.models), else the file."""
     parts = dotted.split(".")
-    for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in overridden:
-            return _override_name(overridden[".".join(parts[:end])])
+    above = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+    within = [key for key in overridden if key.startswith(f"{dotted}.")]
+    for key in [*above, *within]:
+        if key in overridden:
+            return _override_name(overridden[key])
     return origin
 
 
@@ -536,6 +549,23 @@ def _refuse_passwords(tree: Mapping[str, Any], overridden: Mapping[str, str], or
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
 
 
+def _check_prior_levels(cfg: PipelineConfig, overridden: Mapping[str, str], origin: str) -> None:
+    """A ConfigError naming every level under train_prior.models and level_batch_size that the VQ-VAE has not:
+    the stage looks levels up by name, so a misspelt one (Top) would be ignored."""
+    from models.vqvae import VQVAE_PRESETS
+    from pipeline.codes import level_names
+
+    section = cfg.train_vqvae
+    levels = level_names(section.model.get("levels", VQVAE_PRESETS[section.preset]().levels))
+    lines = []
+    for field in ("models", "level_batch_size"):
+        for dotted in (f"train_prior.{field}.{name}" for name in getattr(cfg.train_prior, field) if name not in levels):
+            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: expected: a level of the VQ-VAE "
+                         f"(train_vqvae.preset and train_vqvae.model.levels): {', '.join(levels)}")
+    if lines:
+        raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
+
+
 def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Validate a config tree; errors name `origin` (the file) or the override, the dotted key and what fits."""
     overrides = list(overrides)
@@ -544,13 +574,15 @@ def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] 
     tree.setdefault("name", Path(origin).stem)
     _refuse_passwords(tree, overridden, origin)
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             dotted, expected = _describe(item, PipelineConfig)
             lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: {expected}")
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines)) from None
+    _check_prior_levels(cfg, overridden, origin)
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> PipelineConfig:

@@ -199,3 +199,36 @@ def test_redact_uri_hides_only_a_password():
     assert redact_uri("https://user:pass@host:9000/path?q=1") == "https://user:***@host:9000/path?q=1"
     for clean in ("s3://bucket/runs", "https://user@host/x", "/local/path", "sqlite:////tmp/mlflow.db", "auto"):
         assert redact_uri(clean) == clean
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train_vqvae.model={hidden_channels: abc}", "train_vqvae.model", "hidden_channels: a valid integer"),
+    ("train_prior.models.top.channels=64.5", "train_prior.models", "top.channels: a valid integer"),
+    ("train_classifier.model={dropout: high}", "train_classifier.model", "dropout: a valid number"),
+])
+def test_model_overrides_must_have_the_model_config_types(tmp_path, override, key, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert f"override {override!r}: {key}: expected: {expected}" in str(error.value)
+
+
+def test_model_overrides_are_stored_as_their_types_so_one_value_is_one_fingerprint(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    as_int, as_float = (load_config(path, [f"train_vqvae.model={{beta: {v}}}", f"train_prior.models.top.channels={c}"])
+                        for v, c in (("1", "64"), ("1.0", "64.0")))
+    assert as_float.train_vqvae.model == {"beta": 1.0} and type(as_int.train_vqvae.model["beta"]) is float
+    assert as_float.train_prior.models == {"top": {"channels": 64}}
+    for section in ("train_vqvae", "train_prior"):
+        assert fingerprint(getattr(as_int, section), {}, 1) == fingerprint(getattr(as_float, section), {}, 1)
+
+
+def test_prior_settings_name_levels_of_the_vqvae(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    for override, key in (("train_prior.models={Top: {channels: 64}}", "train_prior.models.Top"),
+                          ("train_prior.level_batch_size={middle: 8}", "train_prior.level_batch_size.middle")):
+        with pytest.raises(ConfigError) as error:
+            load_config(path, [override])
+        assert (f"override {override!r}: {key}: expected: a level of the VQ-VAE (train_vqvae.preset and "
+                "train_vqvae.model.levels): top, bottom") in str(error.value)
+    three = load_config(path, ["train_vqvae.model={levels: 3}", "train_prior.level_batch_size={middle: 8}"])
+    assert three.train_prior.level_batch("middle") == 8
