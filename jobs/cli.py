@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -12,14 +13,14 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from pipeline import demo_data
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, redact_uri
 from pipeline.dataset import verify
 from pipeline.evaluate import headline_lines
 from pipeline.listing import SourceError
 from pipeline.preflight import PreflightFailed, preflight
 from pipeline.compare import compare
 from pipeline.registry import promote
-from pipeline.runner import StageFailed, pipeline_status, run_pipeline, stages
+from pipeline.runner import StageFailed, StageIncomplete, pipeline_status, run_pipeline, stages
 from pipeline.storage import Location
 from pipeline.tracking import PipelineStopped, tracking_uri
 
@@ -91,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with key.sub=value overrides anywhere among the options: argparse alone takes a command's
+    positional arguments in one run, so `--config C x=1 --until encode y=2` would leave y=2 unrecognized."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [arg for arg in rest if arg.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]  # argv order: every later run of positionals follows the first
+    return args
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     out = Location(args.out)
     if args.source == "fashion-mnist":
@@ -124,7 +138,7 @@ def _demo(overrides: list[str]) -> int:
 
 def _where_to_look(cfg, results) -> str:
     """The closing lines of the demo: the MLflow UI, the pictures and the headline numbers."""
-    uri = tracking_uri(cfg)
+    uri = redact_uri(tracking_uri(cfg))  # MLFLOW_TRACKING_URI may carry a database password
     ui = f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite") else uri
     lines = ["", "Where to look:", f"  MLflow UI:        {ui}   (then open http://127.0.0.1:5000)"]
     if "sample" in results:
@@ -148,7 +162,7 @@ def _stop(signum: int, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    args = _parser().parse_args(argv)
+    args = _parse_args(argv)
     signal.signal(signal.SIGTERM, _stop)  # what `ray job stop` and Kubernetes send
     try:
         if args.command == "verify":
@@ -193,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PreflightFailed as error:
         print(f"vq2: {error}", file=sys.stderr)
+        return 1
+    except StageIncomplete as error:
+        # The same config and overrides, or the command would make an output of other fingerprints.
+        remedy = shlex.join(["vq2", "run", "--config", args.config, "--until", error.stage, *args.overrides])
+        print(f"vq2 {args.command}: it reads the {error.stage} output {error.location}, which is not complete; "
+              f"make it first: {remedy}", file=sys.stderr)
         return 1
     except StageFailed as error:
         logging.getLogger("vq2").exception("pipeline failed")

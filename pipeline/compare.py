@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipeline.config import redact_uri  # noqa: E402
+
 SAMPLE_GRID = "samples.png"  # the sample stage's grid artifact: a row per class
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
 
@@ -148,7 +150,7 @@ def html_report(experiment: str, header: list[str], rows: list[list[str]], png: 
 def ui_link(tracking_uri: str, runs: list[PipelineRun]) -> str:
     """MLflow's compare view of these runs (their parent runs): on the tracking server, or on `mlflow ui`
     serving a local store."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    base = redact_uri(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
     ids = quote(json.dumps([run.run_id for run in runs], separators=(",", ":")))
     experiments = quote(json.dumps(sorted({run.experiment_id for run in runs}), separators=(",", ":")))
     return f"{base}/#/compare-runs?runs={ids}&experiments={experiments}"

@@ -6,13 +6,15 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from pipeline.faults import RetryPolicy
 
@@ -173,14 +175,25 @@ class MlflowConfig(Section):
     )
 
 
-def check_model_overrides(overrides: dict[str, Any], model_config: type) -> dict[str, Any]:
-    """`overrides` if every key is a field of the model's config dataclass, else a ValueError listing them."""
+def check_model_overrides(overrides: dict[str, Any], model_config: type, where: str = "") -> dict[str, Any]:
+    """`overrides` as values of the model config dataclass's field types (so 1 and 1.0 of a float are one
+    fingerprint, and "abc" for a width fails here, not inside the stage); else a ValueError naming the key
+    (`where` + key) and what it expects."""
     assert is_dataclass(model_config)
     names = [f.name for f in fields(model_config)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown model key(s) {', '.join(unknown)}; expected some of: {', '.join(names)}")
-    return overrides
+        raise ValueError(f"unknown model key(s) {', '.join(where + key for key in unknown)}; expected some of: "
+                         f"{', '.join(names)}")
+    types = get_type_hints(model_config)
+    checked = {}
+    for key, value in overrides.items():
+        try:
+            checked[key] = TypeAdapter(types[key]).validate_python(value)
+        except ValidationError as error:
+            expected = "; ".join(item["msg"].removeprefix("Input should be ") for item in error.errors())
+            raise ValueError(f"{where}{key}: {expected}") from None
+    return checked
 
 
 class TrainerConfig(Section):
@@ -265,11 +278,10 @@ class TrainPriorConfig(TrainerConfig):
 
         derived = {"grid", "codebook_size", "num_classes", "condition_grids", "condition_codebook_sizes"}
         for level, overrides in value.items():
-            check_model_overrides(overrides, PriorConfig)
             fixed = sorted(derived & set(overrides))
             if fixed:
                 raise ValueError(f"{level}: {', '.join(fixed)} come from the code tables and dataset, not config")
-        return value
+        return {level: check_model_overrides(overrides, PriorConfig, f"{level}.") for level, overrides in value.items()}
 
 
 class TrainClassifierConfig(ImageTrainerConfig):
@@ -292,10 +304,9 @@ class TrainClassifierConfig(ImageTrainerConfig):
     def _known_model_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
         from models.classifier import ClassifierConfig
 
-        check_model_overrides(value, ClassifierConfig)
         if "num_classes" in value:
             raise ValueError("num_classes comes from the dataset, not config")
-        return value
+        return check_model_overrides(value, ClassifierConfig)
 
 
 class RejectionConfig(Section):
@@ -441,6 +452,36 @@ class PipelineConfig(Section):
     name: str = Field("pipeline", description="config name, default the file name without extension")
 
 
+CREDENTIALS_FROM = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the AWS credential chain) for storage; "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, or the whole "
+                    "URI in MLFLOW_TRACKING_URI for MLflow")
+
+
+def redact_uri(value: str) -> str:
+    """`value` with the password of a URI's user info replaced by ***; anything else unchanged."""
+    try:
+        parts = urlsplit(value)
+        password = parts.password
+    except ValueError:  # not a URI (a malformed host, say): nothing to hide in it
+        return value
+    if not password:
+        return value
+    userinfo, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+
+
+def _uri_passwords(tree: Any, dotted: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, redacted value) of every string in a config tree that is a URI with a password."""
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _uri_passwords(value, f"{dotted}.{key}" if dotted else str(key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _uri_passwords(value, f"{dotted}.{index}")
+    elif isinstance(tree, str) and redact_uri(tree) != tree:
+        yield dotted, redact_uri(tree)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     parts = dotted.split(".")
     node = tree
@@ -452,6 +493,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     node[parts[-1]] = value
 
 
+def _override_name(override: str) -> str:
+    """How errors name an override: as given, less a URI password."""
+    key, separator, text = override.partition("=")
+    return f"override {key + separator + redact_uri(text)!r}"
+
+
 def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
     """Return `tree` with each `key.sub=value` applied; values are parsed as YAML scalars."""
     tree = json.loads(json.dumps(tree))
@@ -459,8 +506,20 @@ def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r}: expected key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, f"override {override!r}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, _override_name(override))
     return tree
+
+
+def _source(dotted: str, overridden: Mapping[str, str], origin: str) -> str:
+    """Where the value at `dotted` came from: the override that set it, a section above it or a key within it
+    (train_prior.models.top.channels=64.5 for an error about train_prior.models), else the file."""
+    parts = dotted.split(".")
+    above = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+    within = [key for key in overridden if key.startswith(f"{dotted}.")]
+    for key in [*above, *within]:
+        if key in overridden:
+            return _override_name(overridden[key])
+    return origin
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
@@ -478,21 +537,52 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
     return dotted, f"expected: {expected} (got {error['input']!r})"
 
 
+def _refuse_passwords(tree: Mapping[str, Any], overridden: Mapping[str, str], origin: str) -> None:
+    """A ConfigError naming every URI in the tree that carries a password (shown as ***).
+
+    Refused, not redacted: a config value reaches params, the config artifact, manifests, MLflow's lineage and
+    error messages, and a password kept in it would have to be hidden in each of them."""
+    lines = [f"{_source(dotted, overridden, origin)}: {dotted}: expected: a URI without a password (got "
+             f"{redacted!r}); credentials come from the environment: {CREDENTIALS_FROM}"
+             for dotted, redacted in _uri_passwords(tree)]
+    if lines:
+        raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
+
+
+def _check_prior_levels(cfg: PipelineConfig, overridden: Mapping[str, str], origin: str) -> None:
+    """A ConfigError naming every level under train_prior.models and level_batch_size that the VQ-VAE has not:
+    the stage looks levels up by name, so a misspelt one (Top) would be ignored."""
+    from models.vqvae import VQVAE_PRESETS
+    from pipeline.codes import level_names
+
+    section = cfg.train_vqvae
+    levels = level_names(section.model.get("levels", VQVAE_PRESETS[section.preset]().levels))
+    lines = []
+    for field in ("models", "level_batch_size"):
+        for dotted in (f"train_prior.{field}.{name}" for name in getattr(cfg.train_prior, field) if name not in levels):
+            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: expected: a level of the VQ-VAE "
+                         f"(train_vqvae.preset and train_vqvae.model.levels): {', '.join(levels)}")
+    if lines:
+        raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
+
+
 def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Validate a config tree; errors name `origin` (the file) or the override, the dotted key and what fits."""
     overrides = list(overrides)
     overridden = {o.partition("=")[0].strip(): o for o in overrides}
     tree = apply_overrides(dict(tree), overrides)
     tree.setdefault("name", Path(origin).stem)
+    _refuse_passwords(tree, overridden, origin)
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             dotted, expected = _describe(item, PipelineConfig)
-            source = f"override {overridden[dotted]!r}" if dotted in overridden else origin
-            lines.append(f"{source}: {dotted}: {expected}")
+            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: {expected}")
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines)) from None
+    _check_prior_levels(cfg, overridden, origin)
+    return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> PipelineConfig:

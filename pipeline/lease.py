@@ -65,10 +65,27 @@ def holder_gone(lease: dict) -> bool:
     return lease.get("host") == socket.gethostname() and not _process_exists(lease["pid"])
 
 
+def parse_lease(data: bytes, location: Location) -> dict:
+    """The lease record in `data`; one that cannot be read (empty or cut short by a crash, not a lease) is an
+    expired lease, with a warning naming the file: else no run, not even `vq2 status`, could get past it."""
+    try:
+        record = json.loads(data)
+    except ValueError as error:
+        problem = f"not JSON ({error})"
+    else:
+        if isinstance(record, dict) and isinstance(record.get("owner"), str) and \
+                isinstance(record.get("expires"), (int, float)):
+            return record
+        problem = "not a lease record {owner, expires, ...}"
+    log.warning("lease %s: unreadable, %s; treated as expired", location, problem)
+    return {"owner": f"unreadable lease {location}", "expires": 0.0}
+
+
 class _LocalBackend:
     """Lease file on a local filesystem; every read-decide-write holds an exclusive flock on its folder."""
 
     def __init__(self, location: Location):
+        self.location = location
         self.path = location.path
         self.folder = location.parent.path
 
@@ -86,15 +103,12 @@ class _LocalBackend:
     def _read(self) -> dict | None:
         try:
             with open(self.path, "rb") as stream:
-                return json.loads(stream.read())
+                return parse_lease(stream.read(), self.location)
         except FileNotFoundError:
             return None
 
     def _write(self, record: dict) -> None:
-        temporary = f"{self.path}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "w") as stream:
-            json.dump(record, stream)
-        os.replace(temporary, self.path)
+        self.location.write_json(record)  # synced to disk, then moved into place: whole or absent after a crash
 
     def take(self, record: dict, may_replace: Callable[[dict], bool]) -> dict | None:
         """Write `record` if there is no lease or `may_replace(current)`; else return the current lease."""
@@ -132,7 +146,7 @@ class _S3Backend:
         async def get() -> tuple[dict, str]:
             response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self.key)
             async with response["Body"] as body:
-                return json.loads(await body.read()), response["ETag"]
+                return parse_lease(await body.read(), self.location), response["ETag"]
 
         try:
             return self._retrying("read", lambda: sync(self.fs.loop, get))
@@ -246,7 +260,11 @@ class Lease:
 def read_lease(output: Location) -> dict | None:
     """The lease on a stage output ({owner, expires, ttl_s}), or None when no run holds one."""
     location = output / LEASE
-    return location.read_json() if location.exists() else None
+    try:
+        data = location.read_bytes()
+    except FileNotFoundError:  # none, or released since
+        return None
+    return parse_lease(data, location)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import REGISTERED_MODEL_URI, PipelineConfig
+from pipeline.config import REGISTERED_MODEL_URI, PipelineConfig, redact_uri
 from pipeline.storage import Location
 from pipeline.tracking import StageRun, experiment_name, tracking_uri
 
@@ -166,7 +166,7 @@ def resolve(cfg: PipelineConfig, uri: str) -> RegisteredVersion:
         else:
             found = client.get_model_version(match["name"], match["version"])
     except MlflowException as error:
-        raise LookupError(f"{uri}: not in the Model Registry of {tracking_uri(cfg)} ({error.message})") from None
+        raise LookupError(f"{uri}: not in the Model Registry of {redact_uri(tracking_uri(cfg))} ({error.message})") from None
     digest, model_file = found.tags.get(DIGEST_TAG), found.tags.get(FILE_TAG)
     model_id = found.model_id or found.tags.get(MODEL_ID_TAG)
     if not digest or not model_file or not model_id:

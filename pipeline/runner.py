@@ -183,6 +183,11 @@ def run_stage(
                 body = module.run(cfg, ctx)
             wall_time_s = time.monotonic() - started
             tracking.log_metrics({"wall_time_s": wall_time_s})
+            lease.check()
+            # Before the manifest, so that what MLflow has not received yet is listed in it, and so that a run
+            # MLflow could not create when the stage started, created since, is the one the manifest names.
+            tracker.replay(output)
+            tracker.flush()
             manifest = body | {
                 "stage": module.NAME,
                 "fingerprint": address.fingerprint,
@@ -192,12 +197,8 @@ def run_stage(
                 "code_version": code_version(),
                 "created": datetime.now(timezone.utc).isoformat(),
                 "wall_time_s": wall_time_s,
+                "tracking_backlog": tracker.backlog(),
             }
-            lease.check()
-            # Before the manifest, so that what MLflow has not received yet is listed in it.
-            tracker.replay(output)
-            tracker.flush()
-            manifest["tracking_backlog"] = tracker.backlog()
             # Written last: its presence is what marks every file it lists as complete.
             (output / MANIFEST).write_json(manifest)
     except BaseException as error:
@@ -320,10 +321,17 @@ def _needed_upstream(available: dict[str, ModuleType], stage: str, cfg: Pipeline
     return needed
 
 
+class StageIncomplete(RuntimeError):
+    """A stage run alone reads an upstream output that is not complete (`vq2 encode` on a fresh root)."""
+
+    def __init__(self, stage: str, location: Location):
+        self.stage, self.location = stage, location
+        super().__init__(f"{stage} output {location} is not complete: make it first with `vq2 run --until {stage}`")
+
+
 def _require_complete(module: ModuleType, cfg: PipelineConfig, upstream: dict[str, StageResult]) -> StageResult:
     address = stage_address(module, cfg, _fingerprints(upstream))
     manifest = read_manifest(address.location)
     if manifest is None:
-        raise RuntimeError(f"{module.NAME} output {address.location} is not complete: run `vq2 {module.NAME}` or "
-                           "`vq2 run` first")
+        raise StageIncomplete(module.NAME, address.location)
     return StageResult(module.NAME, address.fingerprint, address.location, manifest, cached=True)

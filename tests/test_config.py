@@ -167,3 +167,68 @@ def test_well_formed_storage_uris_pass():
     assert (cfg.storage.root, cfg.dataset.source, cfg.dataset.listing) == (
         "s3://bucket/runs", "memory://corpus", "file:///srv/listing.txt")
     assert cfg.storage.retry.attempts == 3 and cfg.storage.retry.backoff_s == 0.2
+
+
+@pytest.mark.parametrize(
+    "key, uri, redacted",
+    [
+        ("storage.endpoint_url", "https://AKIAEXAMPLE:wJalrSECRET@s3.internal:9000",
+         "https://AKIAEXAMPLE:***@s3.internal:9000"),
+        ("mlflow.tracking_uri", "postgresql://vq2:wJalrSECRET@db.internal/mlflow", "postgresql://vq2:***@db.internal/mlflow"),
+        ("storage.root", "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs", "s3://AKIAEXAMPLE:***@bucket/runs"),
+        ("dataset.source", "https://me:wJalrSECRET@images.example.com/corpus", "https://me:***@images.example.com/corpus"),
+    ],
+)
+def test_a_uri_with_a_password_is_refused_without_repeating_it(tmp_path, key, uri, redacted):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), [f"{key}={uri}"])
+    message = str(error.value)
+    assert f"override '{key}=" in message and f": {key}: expected: a URI without a password (got '{redacted}')" in message
+    assert "credentials come from the environment" in message and "wJalrSECRET" not in message
+    section, name = key.split(".")
+    tree = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}, section: {name: uri}}
+    if section == "storage":
+        tree["storage"].setdefault("root", "runs/x")
+    with pytest.raises(ConfigError, match=rf"pipeline.yaml: {re.escape(key)}: expected: a URI without a password"):
+        load_config(write(tmp_path, yaml.safe_dump(tree)))
+
+
+def test_redact_uri_hides_only_a_password():
+    from pipeline.config import redact_uri
+
+    assert redact_uri("https://user:pass@host:9000/path?q=1") == "https://user:***@host:9000/path?q=1"
+    for clean in ("s3://bucket/runs", "https://user@host/x", "/local/path", "sqlite:////tmp/mlflow.db", "auto"):
+        assert redact_uri(clean) == clean
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train_vqvae.model={hidden_channels: abc}", "train_vqvae.model", "hidden_channels: a valid integer"),
+    ("train_prior.models.top.channels=64.5", "train_prior.models", "top.channels: a valid integer"),
+    ("train_classifier.model={dropout: high}", "train_classifier.model", "dropout: a valid number"),
+])
+def test_model_overrides_must_have_the_model_config_types(tmp_path, override, key, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, MINIMAL), [override])
+    assert f"override {override!r}: {key}: expected: {expected}" in str(error.value)
+
+
+def test_model_overrides_are_stored_as_their_types_so_one_value_is_one_fingerprint(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    as_int, as_float = (load_config(path, [f"train_vqvae.model={{beta: {v}}}", f"train_prior.models.top.channels={c}"])
+                        for v, c in (("1", "64"), ("1.0", "64.0")))
+    assert as_float.train_vqvae.model == {"beta": 1.0} and type(as_int.train_vqvae.model["beta"]) is float
+    assert as_float.train_prior.models == {"top": {"channels": 64}}
+    for section in ("train_vqvae", "train_prior"):
+        assert fingerprint(getattr(as_int, section), {}, 1) == fingerprint(getattr(as_float, section), {}, 1)
+
+
+def test_prior_settings_name_levels_of_the_vqvae(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    for override, key in (("train_prior.models={Top: {channels: 64}}", "train_prior.models.Top"),
+                          ("train_prior.level_batch_size={middle: 8}", "train_prior.level_batch_size.middle")):
+        with pytest.raises(ConfigError) as error:
+            load_config(path, [override])
+        assert (f"override {override!r}: {key}: expected: a level of the VQ-VAE (train_vqvae.preset and "
+                "train_vqvae.model.levels): top, bottom") in str(error.value)
+    three = load_config(path, ["train_vqvae.model={levels: 3}", "train_prior.level_batch_size={middle: 8}"])
+    assert three.train_prior.level_batch("middle") == 8

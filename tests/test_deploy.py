@@ -2,11 +2,15 @@
 pipeline nightly on a cluster that fits it. (A job submitted to a real Ray head: test_end_to_end.py.)"""
 
 import re
+import runpy
+import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
+import jobs.cli
 from pipeline import cluster
 from pipeline.config import load_config
 from pipeline.runner import stages
@@ -143,3 +147,22 @@ def test_the_nightly_cronjob_creates_that_rayjob():
                   if d["kind"] == "RoleBinding" and d["subjects"][0]["name"] == pod["serviceAccountName"]]
     (role,) = [d for d in rbac if d["kind"] == "Role" and d["metadata"]["name"] == binding["roleRef"]["name"]]
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
+
+
+@pytest.mark.parametrize("order", [
+    ["--config", "CONFIG", "dataset.shard_size=5", "--until", "encode"],
+    ["dataset.shard_size=5", "--config", "CONFIG", "--until", "encode"],
+    ["--config", "CONFIG", "--until", "encode", "dataset.shard_size=5"],
+])
+def test_the_job_submit_target_takes_its_arguments_in_any_order(tmp_path, monkeypatch, order):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "root")}, "dataset": {"source": str(tmp_path)}}))
+    ran = {}
+    monkeypatch.setattr(jobs.cli, "preflight", lambda cfg, until: ran.update(preflight=until))
+    monkeypatch.setattr(jobs.cli, "run_pipeline", lambda cfg, only, command, until: ran.update(cfg=cfg, until=until) or {})
+    monkeypatch.setattr(sys, "argv", ["jobs/submit.py", *(str(config) if arg == "CONFIG" else arg for arg in order)])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module("jobs.submit", run_name="__main__")
+    assert ended.value.code == 0
+    assert ran["preflight"] == ran["until"] == "encode"
+    assert ran["cfg"].ray.address == "auto" and ran["cfg"].dataset.shard_size == 5

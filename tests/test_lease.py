@@ -105,3 +105,23 @@ def test_a_waiter_sees_the_other_run_finish(output):
     finished = iter([False, False, True])
     with stage_lease(output, 60, lambda: next(finished), poll_s=0.01, stage="shard") as lease:
         assert lease is None
+
+
+@pytest.mark.parametrize("content", [b"", b"{\"owner\": \"half", b"[]", b"{}"])
+def test_an_unreadable_lease_is_expired_for_status_and_taken_over_with_a_warning(output, content, caplog):
+    (output / LEASE).write_bytes(content)  # what a crash mid-write (or a foreign tool) can leave
+    assert read_lease(output)["expires"] < time.time()  # `vq2 status`: no run holds the output
+    with stage_lease(output, 60, lambda: False, poll_s=0.01, stage="shard") as lease:
+        assert lease is not None and read_lease(output)["owner"] == lease.owner
+    assert f"lease {output / LEASE}: unreadable" in caplog.text and "treated as expired" in caplog.text
+
+
+def test_the_local_lease_file_reaches_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    output = Location(str(tmp_path / "stage" / "0123456789abcdef"))
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    lease = Lease(output, ttl_s=60)
+    assert lease.try_acquire() is None
+    lease.release()
+    assert any(os.path.basename(path).startswith(f"{LEASE}.tmp-") for path in synced), synced

@@ -1,5 +1,7 @@
 """Operating the pipeline: status, run comparison, failures that name their stage, reruns on a grown corpus."""
 
+import re
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -143,3 +145,17 @@ def test_bad_command_line_input_is_one_line_and_a_non_zero_exit(tmp_path, capsys
     assert vq2(["status", "--config", str(missing_source)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"dataset.source {tmp_path / 'nowhere'}: not found" in err
+
+
+def test_a_stage_run_alone_before_its_input_exists_says_in_one_line_what_makes_it(tmp_path, capsys):
+    demo_data.synthetic(Location(str(tmp_path / "corpus")), 1, 1, size=(8, 8), classes=2)
+    config = tmp_path / "fresh.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "root")},
+                                      "dataset": {"source": str(tmp_path / "corpus")}}))
+    assert vq2(["encode", "--config", str(config), "dataset.shard_size=5"]) == 1
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("vq2")]
+    assert "Traceback" not in err
+    shard = tmp_path / "root" / "shard"
+    assert re.fullmatch(rf"vq2 encode: it reads the shard output {shard}/[0-9a-f]{{16}}, which is not complete; make it "
+                        rf"first: vq2 run --config {config} --until shard dataset.shard_size=5", line), line

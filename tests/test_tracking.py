@@ -6,16 +6,19 @@ import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 import ray
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, start_mlflow_server, stop
-from pipeline import demo_data
+from jobs.cli import main as vq2
+from pipeline import demo_data, runner
 from pipeline.config import parse_config, to_yaml
 from pipeline.lease import read_lease
-from pipeline.runner import run_pipeline
+from pipeline.runner import run_pipeline, run_stage
 from pipeline.storage import MANIFEST, Location
 from pipeline.tracking import HEARTBEAT_PERIOD_TAG, HEARTBEAT_TAG, Tracker
 
@@ -222,6 +225,76 @@ def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_t
     assert tracker.backlog()[0]["metrics"][0][:2] == ["images_per_s", 1.0] and tracker.backlog()[0]["run_id"]
     # What reached the server before the cut is there.
     assert MlflowClient(mlflow_server).get_run(stage.run_id).data.params == {"dataset.shard_size": "5"}
+
+
+def test_a_stage_whose_run_was_created_late_names_that_run_in_its_manifest(tmp_path, monkeypatch):
+    """MLflow is down when a stage starts and back before its final flush: the run exists by the time the manifest
+    is written, so the manifest (and a later cached run's produced_by_run tag) names it."""
+    monkeypatch.setattr(runner, "code_digest", lambda module: "c0de")
+    monkeypatch.setattr(runner, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(runner.cluster, "require", lambda demand, ray_cfg: None)
+    monkeypatch.setattr(runner, "cluster_size", lambda: 1)
+    cfg = make_config(tmp_path / "root", name="late-run", system_metrics_s=0)
+    tracker = Tracker(cfg)
+    tracker.start_pipeline("run", "x: 1\n")
+    create_run, down = tracker.client.create_run, [True]
+
+    def flaky_create_run(*args, **kwargs):
+        if down[0]:
+            raise ConnectionError("MLflow is down")
+        return create_run(*args, **kwargs)
+
+    def run(cfg, ctx):
+        (ctx.output / "part.bin").write_bytes(b"x")
+        down[0] = False  # the server is back while the stage finishes
+        return {"rows": 1}
+
+    monkeypatch.setattr(tracker.client, "create_run", flaky_create_run)
+    stage = types.SimpleNamespace(NAME="encode", SECTION="encode", FORMAT_VERSION=1, UPSTREAM=(), run=run,
+                                  __name__="fake_encode")
+    made = run_stage(stage, cfg, tracker, {})
+    assert made.manifest["run_id"] and made.manifest["tracking_backlog"] == []
+    assert MlflowClient(tracker.uri).get_run(made.manifest["run_id"]).data.tags["stage"] == "encode"
+    assert (made.location / MANIFEST).read_json()["run_id"] == made.manifest["run_id"]
+    assert run_stage(stage, cfg, tracker, {}).cached
+    tracker.finish_pipeline("FINISHED")
+    client = MlflowClient(tracker.uri)
+    (cached,) = client.search_runs([tracker.experiment_id], "tags.cached = 'true'")
+    assert cached.data.tags["produced_by_run"] == made.manifest["run_id"]
+
+
+def everything_logged(client: MlflowClient, folder) -> str:
+    """The params, tags and artifacts of every run in the store, as one text."""
+    texts = []
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            texts += [*run.data.params.values(), *run.data.tags.values()]
+            for artifact in client.list_artifacts(run.info.run_id):
+                texts.append(open(client.download_artifacts(run.info.run_id, artifact.path, str(folder))).read())
+    return "\n".join(texts)
+
+
+def test_a_password_in_a_config_uri_reaches_no_param_artifact_or_log_line(tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)  # a Tracker sets it from storage.endpoint_url
+    root, secret = tmp_path / "root", "wJalrSECRET"
+    config = tmp_path / "creds.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "dataset": {"source": str(tmp_path / "none")},
+                                      "mlflow": {"experiment": "exp-creds"}}))
+    override = f"storage.endpoint_url=https://AKIAEXAMPLE:{secret}@s3.internal:9000"
+    code = vq2(["encode", "--config", str(config), override])
+    err = capsys.readouterr().err
+    (tmp_path / "artifacts").mkdir()
+    assert secret not in everything_logged(MlflowClient(f"sqlite:///{root}/mlflow/mlflow.db"), tmp_path / "artifacts")
+    assert code == 2 and "storage.endpoint_url: expected: a URI without a password" in err
+    assert secret not in err and secret not in caplog.text
+
+
+def test_a_tracking_uri_from_the_environment_is_printed_without_its_password(tmp_path, monkeypatch):
+    from jobs.cli import _where_to_look
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://vq2:wJalrSECRET@db.internal/mlflow")
+    lines = _where_to_look(make_config(tmp_path / "root", name="env-uri"), {})
+    assert "postgresql://vq2:***@db.internal/mlflow" in lines and "wJalrSECRET" not in lines
 
 
 def test_runs_left_running_by_a_dead_process_are_ended_failed_by_the_next_one(tmp_path):
