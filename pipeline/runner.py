@@ -18,7 +18,7 @@ from pipeline import cluster, lineage, ray_logs, system_metrics
 from pipeline.code_digest import code_digest
 from pipeline.config import PipelineConfig, fingerprint, flatten, to_yaml
 from pipeline.dataset import Dataset
-from pipeline.lease import read_lease, stage_lease
+from pipeline.lease import holder_gone, read_lease, stage_lease
 from pipeline.progress import quiet_ray_data
 from pipeline.storage import MANIFEST, Location, stage_location
 from pipeline.system_metrics import SystemMetrics
@@ -300,7 +300,7 @@ def pipeline_status(cfg: PipelineConfig) -> list[dict]:
         holder = read_lease(output) if manifest is None else None
         if manifest is not None:
             state = "complete"
-        elif holder is not None and holder["expires"] > time.time():
+        elif holder is not None and not holder_gone(holder):  # expired, or its process on this machine is gone
             state = "running"
         else:
             state = "partial" if output.list_files() else "missing"

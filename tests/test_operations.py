@@ -1,6 +1,9 @@
 """Operating the pipeline: status, run comparison, failures that name their stage, reruns on a grown corpus."""
 
 import re
+import socket
+import subprocess
+import time
 
 import pytest
 import yaml
@@ -33,7 +36,17 @@ def test_status_reports_complete_running_partial_and_missing(tiny_pipeline):
         assert sample["state"] == "running" and sample["lease_owner"] == lease.owner
     finally:
         lease.release()
+    # A lease whose holder ran on this machine and whose process is gone is no run, however long it had to go.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (Location(rows["sample"]["output"]) / "lease.json").write_json(
+        {"owner": "a killed run", "expires": time.time() + 3600, "ttl_s": 3600, "host": socket.gethostname(),
+         "pid": dead.pid})
+    try:
+        assert {row["stage"]: row for row in pipeline_status(cfg)}["sample"]["state"] == "partial"
+    finally:
         leftover.parent.remove()
+        (Location(rows["sample"]["output"]) / "lease.json").remove()
 
 
 def test_differing_params_ignore_stages_a_run_skipped():
