@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
-from typing import Any, Literal, get_type_hints
+from typing import Any, ClassVar, Literal, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,6 +27,9 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Keys that change how a stage runs, never what it makes (how many actors share the work, how often it
+    # logs): left out of its fingerprint, so a rerun with more actors reuses the outputs.
+    operational: ClassVar[frozenset[str]] = frozenset()
 
 
 def _absolute_if_local(uri: str) -> str:
@@ -199,6 +202,8 @@ def check_model_overrides(overrides: dict[str, Any], model_config: type, where: 
 class TrainerConfig(Section):
     """What every Ray Train stage shares: scaling, optimisation, checkpoints, tracking cadence."""
 
+    operational: ClassVar[frozenset[str]] = frozenset({"log_every", "max_failures"})
+
     num_workers: PositiveInt = Field(2, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -243,6 +248,8 @@ class TrainVQVAEConfig(ImageTrainerConfig):
 
 class EncodeConfig(Section):
     """Encode the corpus into Parquet code tables with the trained VQ-VAE (Ray Data, an actor pool)."""
+
+    operational: ClassVar[frozenset[str]] = frozenset({"num_actors"})
 
     num_actors: PositiveInt = Field(2, description="encoder actors, each holding one VQ-VAE")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads)")
@@ -328,6 +335,8 @@ class RejectionConfig(Section):
 class SampleConfig(Section):
     """Stage: class-conditional ancestral sampling on Ray with the fast sampler, scored by a classifier."""
 
+    operational: ClassVar[frozenset[str]] = frozenset({"num_actors"})
+
     classes: list[int] | None = Field(None, description="class indices to sample; null = every class")
     samples_per_class: PositiveInt = 16
     temperature: float | list[float] = Field(1.0, description="one value, or one per level (top first)")
@@ -364,6 +373,8 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     """Stage: the paper's metrics (FID, FID*, IS-like scores, precision/recall, CAS, the rejection trade-off),
     feature extraction on a Ray actor pool, reduction on the driver."""
+
+    operational: ClassVar[frozenset[str]] = frozenset({"num_actors"})
 
     feature_nets: list[Literal["inception_v3", "efficientnet_lite0", "classifier"]] = Field(
         ["inception_v3", "efficientnet_lite0", "classifier"],
@@ -616,8 +627,10 @@ def flatten(section: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[st
 
 
 def fingerprint(section: BaseModel, inputs: Mapping[str, str], format_version: int) -> str:
-    """Content address of a stage output: sha256 of its config section, input fingerprints and format."""
-    payload = {"config": section.model_dump(mode="json"), "inputs": dict(inputs), "format_version": format_version}
+    """Content address of a stage output: sha256 of its config section (less its operational keys), input
+    fingerprints and format."""
+    config = section.model_dump(mode="json", exclude=set(section.operational))
+    payload = {"config": config, "inputs": dict(inputs), "format_version": format_version}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     # 16 hex digits (64 bits) keep prefixes readable; collisions need ~4e9 versions of one stage.
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -122,6 +122,22 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
     assert fingerprint(other.dataset, {"listing": "abc", "other": "def"}, 1) == base
 
 
+def test_keys_that_change_how_a_stage_runs_not_what_it_makes_leave_its_fingerprint(tmp_path):
+    """More actors or another log cadence reuse the outputs; every other key of the section makes new ones."""
+    cfg = load_config(write(tmp_path, MINIMAL))
+    operational = ["encode.num_actors=5", "sample.num_actors=5", "evaluate.num_actors=5",
+                   "train_vqvae.log_every=3", "train_prior.max_failures=0", "train_classifier.log_every=7"]
+    scaled = load_config(write(tmp_path, MINIMAL), operational)
+    for section in ("encode", "sample", "evaluate", "train_vqvae", "train_prior", "train_classifier"):
+        assert fingerprint(getattr(scaled, section), {}, 1) == fingerprint(getattr(cfg, section), {}, 1), section
+    for override in ("encode.batch_size=7", "sample.batch_size=7", "evaluate.batch_size=7", "train_vqvae.num_workers=3",
+                     "train_prior.checkpoint_every=7", "train_classifier.loader_workers=1"):
+        section = override.split(".")[0]
+        changed = load_config(write(tmp_path, MINIMAL), [override])
+        assert fingerprint(getattr(changed, section), {}, 1) != fingerprint(getattr(cfg, section), {}, 1), override
+    assert scaled.encode.num_actors == 5 and flatten(scaled.encode)["num_actors"] == "5"  # still run and logged
+
+
 def test_flatten_gives_dotted_string_params(tmp_path):
     flat = flatten(load_config(write(tmp_path, MINIMAL)).dataset, "dataset.")
     assert flat["dataset.shard_size"] == "1000"
