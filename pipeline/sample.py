@@ -230,7 +230,8 @@ def best_of_each_class(scores: np.ndarray, labels: np.ndarray, fraction: float) 
     return mask
 
 
-def accept(scores: np.ndarray, labels: np.ndarray, rejection: RejectionConfig) -> tuple[np.ndarray, dict[int, float | None]]:
+def accept(scores: np.ndarray, labels: np.ndarray,
+           rejection: RejectionConfig) -> tuple[np.ndarray, dict[int, float | None]]:
     """Which samples rejection keeps (the rule the evaluate stage applies too), and each class's lowest
     accepted score (None where it keeps none)."""
     accepted = np.ones(len(scores), bool)
