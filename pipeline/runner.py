@@ -183,11 +183,11 @@ def run_stage(
                 body = module.run(cfg, ctx)
             wall_time_s = time.monotonic() - started
             tracking.log_metrics({"wall_time_s": wall_time_s})
-            lease.check()
             # Before the manifest, so that what MLflow has not received yet is listed in it, and so that a run
             # MLflow could not create when the stage started, created since, is the one the manifest names.
             tracker.replay(output)
             tracker.flush()
+            lease.check()  # after the flush, which may take mlflow.flush_timeout_s: still this run's output
             manifest = body | {
                 "stage": module.NAME,
                 "fingerprint": address.fingerprint,
