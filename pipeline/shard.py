@@ -154,9 +154,8 @@ def _still_listed(index: pa.Table, sources: dict[tuple[str, str], str]) -> bool:
     return all(sources.get((split, key)) == path for split, key, path in rows)
 
 
-def _find_base(ctx, listing: Listing, config: dict) -> tuple[dict, pa.Table] | None:
+def _find_base(ctx, sources: dict[tuple[str, str], str], config: dict) -> tuple[dict, pa.Table] | None:
     """The newest earlier version whose samples are all still listed, from the same files: its shards are kept."""
-    sources = _sources(listing)
     for manifest, folder in _previous_versions(ctx.output.parent, config, ctx.fingerprint):
         index = pq.read_table(io.BytesIO((folder / INDEX).read_bytes()))
         if _still_listed(index, sources):
@@ -177,15 +176,17 @@ def _carried_rejections(base, listing: Listing) -> list[dict]:
     return [item for item in base[0]["rejected"] if item["by"] == "reading" and item["path"] in entries]
 
 
-def _plan(listing: Listing, classes: dict[str, int], base, shard_size: int, source: Location, output: Location):
-    """Shard tasks for the entries not already in the base version, numbered after its shards."""
+def _plan(listing: Listing, classes: dict[str, int], base, carried: list[dict], shard_size: int, source: Location,
+          output: Location):
+    """Shard tasks for the entries not already in the base version or rejected by reading (`carried`), numbered
+    after its shards."""
     done_keys: set[tuple[str, str]] = set()
     done_paths: set[str] = set()
     next_index: dict[str, int] = defaultdict(int)
     if base:
         manifest, index = base
         done_keys = set(zip(index["split"].to_pylist(), index["key"].to_pylist(), strict=True))
-        done_paths = {item["path"] for item in _carried_rejections(base, listing)}
+        done_paths = {item["path"] for item in carried}
         for shard in manifest["shards"]:
             next_index[shard["split"]] = max(next_index[shard["split"]], int(shard["name"][6:12]) + 1)
     new: dict[str, list[Entry]] = defaultdict(list)
@@ -279,12 +280,14 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     """Shard the listing into `<output>/<split>/shard-NNNNNN.tar`; returns the manifest body."""
     listing: Listing = ctx.external
     config = cfg.dataset.model_dump(mode="json")
-    base = _find_base(ctx, listing, config)
+    sources = _sources(listing)
+    base = _find_base(ctx, sources, config)
     if base:
         log.info("shard: growing version %s (append-only)", base[0]["fingerprint"])
     classes = _class_index(listing, base)
     source = _source(cfg)
-    tasks = _plan(listing, classes, base, cfg.dataset.shard_size, source, ctx.output)
+    carried = _carried_rejections(base, listing)
+    tasks = _plan(listing, classes, base, carried, cfg.dataset.shard_size, source, ctx.output)
     records, progress = _execute(tasks, ImageSettings.from_config(cfg.dataset), cfg)
     records.sort(key=lambda record: (record["split"], record["name"]))
 
@@ -294,7 +297,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         for record in records
     ]
     # "by" tells a growing version which rejections to carry (those of reading) and which to decide again.
-    rejected = _carried_rejections(base, listing)
+    rejected = list(carried)
     rejected += [{"path": item.path, "reason": item.reason, "by": "listing"} for item in listing.rejected]
     rejected += [item | {"by": "reading"} for record in records for item in record["rejected"]]
     rejected.sort(key=lambda item: item["path"])
@@ -309,7 +312,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
             raise SourceError(f"dataset.source {source}: no usable image in split {split!r}; "
                               f"{len(reasons)} rejected, the first {reasons[0]}")
 
-    index = _index_table(base, records, ctx.fingerprint, _sources(listing))
+    index = _index_table(base, records, ctx.fingerprint, sources)
     sink = io.BytesIO()
     pq.write_table(index, sink, compression="zstd")
     (ctx.output / INDEX).write_bytes(sink.getvalue())
