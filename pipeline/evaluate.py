@@ -261,23 +261,27 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
     return tasks
 
 
-def training_images(dataset: Dataset, sampled: frozenset[int], count: int, seed: int) -> list[tuple[str, str]]:
-    """A seeded random `count` of the training images of the sampled classes (all of them when there are
-    no more), as (key, shard URI)."""
+def training_images(dataset: Dataset, sampled: frozenset[int]) -> list[tuple[str, str]]:
+    """The training images of the sampled classes, as (key, shard URI) in the index's order: read once, for
+    the floors and for CAS's real-data reference."""
     with (dataset.location / INDEX).open_read() as stream:
         index = pq.read_table(stream, columns=["split", "key", "label", "shard"])
-    rows = [(key, (dataset.location.parent / shard).uri)
+    return [(key, (dataset.location.parent / shard).uri)
             for split, key, label, shard in zip(*(index.column(c).to_pylist() for c in index.column_names))
             if split == "train" and label in sampled]
-    return [rows[row] for row in np.random.default_rng(seed).permutation(len(rows))[:count]]
 
 
-def plan_train(dataset: Dataset, section: EvaluateConfig, count: int, sampled: frozenset[int]) -> list[dict]:
-    """Tasks over a seeded random subset of `count` training images of the sampled classes: the real images
-    the floors compare with the validation subset (another split, so the two sets are disjoint)."""
+def _seeded_subset(images: list[tuple[str, str]], count: int, seed: int) -> list[tuple[str, str]]:
+    """A seeded random `count` of `images` (all of them when there are no more)."""
+    return [images[row] for row in np.random.default_rng(seed).permutation(len(images))[:count]]
+
+
+def plan_train(images: list[tuple[str, str]], section: EvaluateConfig, count: int) -> list[dict]:
+    """Tasks over a seeded random subset of `count` of the training `images` (training_images): the real
+    images the floors compare with the validation subset (another split, so the two sets are disjoint)."""
     caps = net_caps(section)
     by_shard: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
-    for rank, (key, shard) in enumerate(training_images(dataset, sampled, count, section.seed + 3)):
+    for rank, (key, shard) in enumerate(_seeded_subset(images, count, section.seed + 3)):
         keys, nets = by_shard.setdefault(shard, ([], []))
         keys.append(key)
         nets.append(_nets_at(rank, caps))
@@ -607,16 +611,16 @@ def cas_task(train: list[dict], test: list[dict], num_classes: int, model_config
                                                                       "test_images": tested}
 
 
-def _real_train_sources(dataset: Dataset, sampled: frozenset[int], limit: int, seed: int) -> list[dict]:
-    """A seeded random subset of `limit` training images of the sampled classes, as the keys of each shard."""
+def _real_train_sources(images: list[tuple[str, str]], limit: int, seed: int) -> list[dict]:
+    """A seeded random subset of `limit` of the training `images` (training_images), as the keys of each shard."""
     by_shard: dict[str, list[str]] = {}
-    for key, shard in training_images(dataset, sampled, limit, seed + 1):
+    for key, shard in _seeded_subset(images, limit, seed + 1):
         by_shard.setdefault(shard, []).append(key)
     return [{"uri": shard, "keys": keys} for shard, keys in sorted(by_shard.items())]
 
 
-def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], sample_keys: dict[str, list[str]],
-            num_classes: int, sampled: frozenset[int]) -> dict[str, float]:
+def run_cas(cfg: PipelineConfig, ctx, train_images: list[tuple[str, str]], real_tasks: list[dict],
+            sample_keys: dict[str, list[str]], num_classes: int) -> dict[str, float]:
     """CAS on the accepted samples and the real-data reference (training images of the sampled classes),
     as two Ray tasks running side by side; each classifier has an output for each of the models'
     `num_classes` classes and is tested on the real validation subset."""
@@ -638,7 +642,7 @@ def run_cas(cfg: PipelineConfig, ctx, dataset: Dataset, real_tasks: list[dict], 
     for uri, key in all_keys:
         by_tar.setdefault(uri, []).append(key)
     on_samples = [{"uri": uri, "keys": keys} for uri, keys in by_tar.items()]
-    on_real = _real_train_sources(dataset, sampled, section.cas_max_images, section.seed)
+    on_real = _real_train_sources(train_images, section.cas_max_images, section.seed)
     task = ray.remote(num_cpus=section.cpus_per_actor, num_gpus=1 if section.use_gpu else 0, max_retries=2)(cas_task)
     common = (num_classes, model_config, options, root.endpoint_url, root.region, section.use_gpu,
               max(1, int(section.cpus_per_actor)))
@@ -767,7 +771,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     selections = equal_count_selections(scores, labels, section.sweep_by, section.sweep, section.seed + 6)
     real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, sampled)
     real_count = len({key for task in real_tasks for key in task["keys"]})
-    train_tasks = plan_train(dataset, section, max(real_count, int(accepted.sum()), len(selections[0])), sampled)
+    train_images = training_images(dataset, sampled)
+    train_tasks = plan_train(train_images, section, max(real_count, int(accepted.sum()), len(selections[0])))
     sample_tasks = plan_samples(keys, tars, accepted, section)
     vqvae_out = ctx.upstream["train_vqvae"]
     actor_args = {
@@ -826,7 +831,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         for key, tar, keep in zip(keys, tars, accepted):
             if keep:
                 sample_keys.setdefault(tar, []).append(key)
-        metrics |= run_cas(cfg, ctx, dataset, real_tasks, sample_keys, num_classes, sampled)
+        metrics |= run_cas(cfg, ctx, train_images, real_tasks, sample_keys, num_classes)
 
     metrics |= _collected(ctx)
     metrics["feature_images_per_s"] = progress.rate

@@ -240,7 +240,7 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     import torch
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import _batches, _real_train_sources, plan_real, plan_train
+    from pipeline.evaluate import _batches, _real_train_sources, plan_real, plan_train, training_images
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
@@ -253,8 +253,9 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     assert {label_of[key.split("/")[0]] for key in keys} == {0, 2}
     assert len(keys) == sum(label_of[key.split("/")[0]] in (0, 2) for task in every for key in task["keys"])
     assert all(len(task["keys"]) <= 5 for task in sampled)
-    train = [key for task in plan_train(dataset, section, 1000, frozenset({0, 2})) for key in task["keys"]]
-    cas_train = [key for source in _real_train_sources(dataset, frozenset({0, 2}), 1000, 0) for key in source["keys"]]
+    images = training_images(dataset, frozenset({0, 2}))
+    train = [key for task in plan_train(images, section, 1000) for key in task["keys"]]
+    cas_train = [key for source in _real_train_sources(images, 1000, 0) for key in source["keys"]]
     assert sorted(train) == sorted(cas_train) and {label_of[key.split("/")[0]] for key in train} == {0, 2}
 
     batches = list(_batches([{"uri": task["uri"], "keys": task["keys"]} for task in sampled], None, None, 4))
@@ -298,7 +299,7 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     from collections import Counter
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import plan_real, plan_samples, plan_train
+    from pipeline.evaluate import plan_real, plan_samples, plan_train, training_images
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
@@ -314,7 +315,7 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     count = min(20, sum(len(task["keys"]) for task in available))
     assert count > 6
     assert seen(real) == {"inception_v3": 6, "efficientnet_lite0": count, "classifier": count}
-    train = plan_train(dataset, section, 30, first_three)
+    train = plan_train(training_images(dataset, first_three), section, 30)
     train_keys = [key for task in train for key in task["keys"]]
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     assert len(set(train_keys)) == 30 and {label_of[key.split("/")[0]] for key in train_keys} <= {0, 1, 2}
