@@ -51,7 +51,8 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
     """The newest `limit` pipeline runs of an experiment, oldest first, with their stages' results.
 
     A cached stage's metrics come from the run that produced its output, so every invocation
-    shows the numbers it actually used.
+    shows the numbers it actually used. A stage run that did not finish adds its params but not its
+    metrics: what a failed or killed stage logged is partial (a sweep cut short, a loss mid-training).
     """
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -68,11 +69,12 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
         )
         for stage in sorted(stages, key=lambda s: s.info.start_time):
             run.params |= stage.data.params  # flattened config keys, section first
-            producer = stage.data.tags.get("produced_by_run")
-            metrics = client.get_run(producer).data.metrics if producer else stage.data.metrics
-            run.metrics |= metrics
             run.stage_runs.append(stage.info.run_id)
-            if stage.data.tags.get("stage") == "sample" and stage.info.status == "FINISHED":
+            if stage.info.status != "FINISHED":
+                continue
+            producer = stage.data.tags.get("produced_by_run")
+            run.metrics |= client.get_run(producer).data.metrics if producer else stage.data.metrics
+            if stage.data.tags.get("stage") == "sample":
                 run.sample_run = producer or stage.info.run_id
         runs.append(run)
     return runs

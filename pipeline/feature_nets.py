@@ -232,6 +232,22 @@ class InceptionV3FID(FeatureNet):
 
 # --- EfficientNet-Lite0 (ImageNet) -----------------------------------------------------------------------
 
+# The 1000 ILSVRC-2012 WordNet ids in ImageNet-1k class index order (the sorted wnids): the output columns of
+# an ImageNet classifier. Checked against two public copies of Keras' imagenet_class_index.json.
+IMAGENET_WNIDS = Path(__file__).with_name("imagenet_wnids.txt")
+
+
+def imagenet_class_indices(classes: list[str]) -> list[int]:
+    """The ImageNet-1k class index of each class, named by its WordNet id (n01440764) as ImageNet's class
+    folders are; a ValueError naming the classes that are not ImageNet-1k classes."""
+    index = {wnid: i for i, wnid in enumerate(IMAGENET_WNIDS.read_text().split())}
+    unknown = [name for name in classes if name not in index]
+    if unknown:
+        raise ValueError(f"{len(unknown)} of the {len(classes)} classes are not ImageNet-1k classes named by WordNet "
+                         f"id (like 'n01440764'), first {', '.join(map(repr, unknown[:5]))}")
+    return [index[name] for name in classes]
+
+
 
 def efficientnet_lite0_weights_path() -> Path:
     try:

@@ -24,7 +24,7 @@ from pipeline.code_digest import code_digest
 from pipeline.codes import CodesLayout, codes_table, level_names, read_codes, table_tensors, write_codes
 from pipeline.config import PipelineConfig, RejectionConfig, SampleConfig
 from pipeline.faults import fault_spec, maybe_inject_fault
-from pipeline.feature_nets import CLASSIFIER, EFFICIENTNET_LITE0, load_feature_net
+from pipeline.feature_nets import CLASSIFIER, EFFICIENTNET_LITE0, imagenet_class_indices, load_feature_net
 from pipeline.figures import image_grid, png_bytes
 from pipeline.progress import Progress
 from pipeline.shard_reader import to_uint8
@@ -147,20 +147,20 @@ def batch_files(output: Location, batch: int) -> tuple[Location, Location]:
 
 
 class Scorer:
-    """p(class | image) from a classifier: the pipeline's own (train_classifier), EfficientNet-Lite0
-    (for ImageNet classes) or a classifier file at a URI."""
+    """p(class | image) for the sampled classes, from the rejection classifier (`rejection_classifier`): a
+    classifier file, or EfficientNet-Lite0 by name; `columns[label]` is the output column of class `label`."""
 
-    def __init__(self, classifier: str, model_file: Location, device: torch.device):
-        if classifier == "efficientnet_lite0":
+    def __init__(self, classifier: Location | str, columns: list[int], device: torch.device):
+        if classifier == EFFICIENTNET_LITE0:
             self.net = load_feature_net(EFFICIENTNET_LITE0, device=device)
         else:
-            own = classifier == "dataset" or classifier.startswith("models:")  # model_file: the stage's or registered
-            self.net = load_feature_net(CLASSIFIER, model_file if own else classifier, device)
+            self.net = load_feature_net(CLASSIFIER, classifier, device)
+        self.columns = torch.tensor(columns)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         probs = self.net.logits(images).softmax(-1)
-        return probs.gather(1, labels.cpu()[:, None])[:, 0]
+        return probs.gather(1, self.columns[labels.cpu()][:, None])[:, 0]
 
 
 class SampleActor:
@@ -171,7 +171,7 @@ class SampleActor:
         self.device = torch.device("cuda" if section.use_gpu and torch.cuda.is_available() else "cpu")
         self.vqvae, _ = load_model(models["vqvae"], "vqvae", self.device)
         self.priors = [load_model(m, "prior", self.device)[0] for m in models["priors"]]
-        self.scorer = Scorer(section.rejection.classifier, models["classifier"], self.device)
+        self.scorer = Scorer(models["classifier"], models["score_columns"], self.device)
         self.layout, self.classes, self.output, self.section, self.fault = layout, classes, output, section, fault
         levels = len(layout.grids)
         self.temperatures = per_level(section.temperature, levels, "temperature")
@@ -309,11 +309,49 @@ def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[s
             raise ValueError(f"the priors model codes of grids {list(layout.grids)} and codebooks "
                              f"{list(layout.codebook_sizes)}, the VQ-VAE {vqvae_file} makes {grids} of "
                              f"{vqvae.cfg.codebook_size}: take priors trained on this VQ-VAE's codes")
-    classifier = files.get("classifier")
-    classifier_classes = load_model(classifier, "classifier")[1]["classes"] if classifier else None
-    classifier = classifier or _stage_model(ctx, "train_classifier")
-    classes = trained_classes(ctx, classifier_classes, prior_classes)
-    return {"vqvae": vqvae_file, "priors": priors, "classifier": classifier}, layout, classes, vqvae
+    classifier = files.get("classifier") or rejection_classifier(cfg, ctx)
+    known = None if classifier == EFFICIENTNET_LITE0 else _classifier_classes(classifier)
+    classes = trained_classes(ctx, known if "classifier" in files else None, prior_classes)
+    models = {"vqvae": vqvae_file, "priors": priors, "classifier": classifier,
+              "score_columns": score_columns(cfg, classifier, known, classes)}
+    return models, layout, classes, vqvae
+
+
+def rejection_classifier(cfg: PipelineConfig, ctx) -> Location | str:
+    """The classifier that `sample.rejection.classifier` names, other than a registered one: a classifier file
+    (the train_classifier stage's or the one at a path or URI), or EfficientNet-Lite0 by name."""
+    if cfg.sample.rejection.classifier == EFFICIENTNET_LITE0:
+        return EFFICIENTNET_LITE0
+    return classifier_file(cfg) or _stage_model(ctx, "train_classifier")
+
+
+def score_columns(cfg: PipelineConfig, classifier: Location | str, known: list[str] | None,
+                  classes: list[str]) -> list[int]:
+    """For each class label the priors sample, the rejection classifier's output column that scores it, found
+    by class name (`known`: a classifier file's classes): a classifier that orders its classes otherwise scores
+    the right ones, and one that lacks a sampled class is refused before any sampling."""
+    key = f"sample.rejection.classifier={cfg.sample.rejection.classifier}"
+    if classifier == EFFICIENTNET_LITE0:
+        try:
+            return imagenet_class_indices(classes)
+        except ValueError as error:
+            raise ValueError(f"{key} scores ImageNet-1k classes, but {error}; score with 'dataset' (the "
+                             "train_classifier stage) or a classifier trained on these classes") from None
+    missing = [name for name in classes if name not in known]
+    if missing:
+        raise ValueError(f"{key}: the classifier in {classifier.uri} was not trained on {len(missing)} of the "
+                         f"{len(classes)} classes the priors sample, first {', '.join(map(repr, missing[:5]))}")
+    position = {name: column for column, name in enumerate(known)}
+    return [position[name] for name in classes]
+
+
+def _classifier_classes(file: Location) -> list[str]:
+    """The class names a classifier file was trained on, in the order of its outputs."""
+    classes = load_model(file, "classifier")[1].get("classes")
+    if not classes:
+        raise ValueError(f"{file.uri}: a classifier file without its class names (save_model(..., classes=[...])), "
+                         "so which output scores which class is unknown")
+    return list(classes)
 
 
 def run(cfg: PipelineConfig, ctx) -> dict:

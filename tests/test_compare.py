@@ -9,6 +9,9 @@ from html.parser import HTMLParser
 from PIL import Image
 
 from jobs.cli import main as vq2
+from mlflow.tracking import MlflowClient
+
+from pipeline.compare import pipeline_runs
 from pipeline.config import parse_config
 from pipeline.tracking import Tracker
 
@@ -22,11 +25,15 @@ def png(shade: int) -> bytes:
     return out.getvalue()
 
 
+def tracker_for(mlflow_server, root, experiment: str = "exp-compare") -> Tracker:
+    tree = {"storage": {"root": str(root)}, "dataset": {"source": "/nowhere"},
+            "mlflow": {"tracking_uri": mlflow_server, "experiment": experiment, "request_retries": 0}}
+    return Tracker(parse_config(tree, "compare.yaml"))
+
+
 def pipeline_run(mlflow_server, root, lr: float, val_mse: float, shade: int) -> str:
     """A parent run with a train_vqvae and a sample stage run, as `vq2 run` records them."""
-    tree = {"storage": {"root": str(root)}, "dataset": {"source": "/nowhere"},
-            "mlflow": {"tracking_uri": mlflow_server, "experiment": "exp-compare", "request_retries": 0}}
-    tracker = Tracker(parse_config(tree, "compare.yaml"))
+    tracker = tracker_for(mlflow_server, root)
     parent = tracker.start_pipeline("run", "x: 1\n")
     vqvae = tracker.start_stage("train_vqvae", "0123456789abcdef", {}, {"train_vqvae.lr": str(lr)})
     vqvae.log_metrics({"val_mse": val_mse})
@@ -89,3 +96,22 @@ def test_compare_prints_the_mlflow_view_and_writes_a_report_only_when_asked(mlfl
                    timeout=180, check=True)
     colours = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is None or len(colours) > 50  # text, table lines, the grids and the chart: not a blank page
+
+
+def test_a_stage_that_did_not_finish_shows_its_params_not_its_metrics(mlflow_server, tmp_path):
+    """A failed stage's metrics are partial (here an FID logged before the stage failed): the comparison leaves
+    them out and keeps the config it ran with; a finished stage's metrics stay."""
+    tracker = tracker_for(mlflow_server, tmp_path / "root", "exp-compare-failed")
+    tracker.start_pipeline("run", "x: 1\n")
+    vqvae = tracker.start_stage("train_vqvae", "0123456789abcdef", {}, {"train_vqvae.lr": "0.1"})
+    vqvae.log_metrics({"val_mse": 0.04})
+    vqvae.finish()
+    evaluate = tracker.start_stage("evaluate", "fedcba9876543210", {}, {"evaluate.k": "3"})
+    evaluate.log_metrics({"fid_inception_v3": 999.0})
+    evaluate.finish("FAILED")
+    tracker.finish_pipeline("FAILED")
+    assert tracker.flush()
+
+    (run,) = pipeline_runs(MlflowClient(mlflow_server), "exp-compare-failed")
+    assert run.status == "FAILED" and run.metrics == {"val_mse": 0.04}
+    assert run.params == {"train_vqvae.lr": "0.1", "evaluate.k": "3"} and len(run.stage_runs) == 2

@@ -147,6 +147,40 @@ def test_rejection_keeps_its_fraction_exactly_whatever_the_ties():
     assert accepted.tolist() == [True, True, True, False, False, False, False, False] and lowest[1] is None
 
 
+def test_rejection_scores_each_class_at_the_column_of_its_name(tmp_path):
+    """A classifier file orders its classes its own way: each sampled class is scored at the output column of
+    its name, and a classifier that lacks a sampled class is refused. EfficientNet-Lite0 scores a class at its
+    ImageNet-1k index (the sorted WordNet ids), and refuses classes not named by a WordNet id."""
+    from conftest import section_config
+    from models.classifier import ResNetClassifier, classifier_tiny
+    from pipeline.checkpoints import save_model
+    from pipeline.feature_nets import EFFICIENTNET_LITE0, IMAGENET_WNIDS
+    from pipeline.sample import Scorer, rejection_classifier, score_columns
+
+    torch.manual_seed(0)
+    model = ResNetClassifier(classifier_tiny(3)).eval()
+    path = tmp_path / "classifier.pt"
+    save_model(Location(str(path)), "classifier", model, classes=["c", "a", "b"])
+    cfg = section_config(tmp_path, sample={"rejection": {"classifier": str(path)}})
+    classifier = rejection_classifier(cfg, ctx=None)
+    columns = score_columns(cfg, classifier, ["c", "a", "b"], classes=["a", "b"])
+    assert columns == [1, 2]
+    images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 1, 0])
+    expected = model(images).softmax(-1)[torch.arange(4), torch.tensor([1, 2, 2, 1])]
+    assert torch.allclose(Scorer(classifier, columns, torch.device("cpu"))(images, labels), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="was not trained on 1 of the 2 classes the priors sample, first 'z'"):
+        score_columns(cfg, classifier, ["c", "a", "b"], classes=["a", "z"])
+
+    wnids = IMAGENET_WNIDS.read_text().split()
+    assert len(set(wnids)) == 1000 and wnids == sorted(wnids) and wnids[1] == "n01443537"  # 1: goldfish
+    cfg = section_config(tmp_path, sample={"rejection": {"classifier": EFFICIENTNET_LITE0}})
+    assert rejection_classifier(cfg, ctx=None) == EFFICIENTNET_LITE0
+    assert score_columns(cfg, EFFICIENTNET_LITE0, None, ["n01443537", "n01440764", "n15075141"]) == [1, 0, 999]
+    with pytest.raises(ValueError, match="efficientnet_lite0 scores ImageNet-1k classes, but 2 of the 3 classes are "
+                                         "not ImageNet-1k classes named by WordNet id .*, first '0', 'cat'"):
+        score_columns(cfg, EFFICIENTNET_LITE0, None, ["0", "n01440764", "cat"])
+
+
 def test_a_classifier_file_enters_the_fingerprint_by_content_and_code(tmp_path):
     """A classifier given by path: its bytes are an input (overwriting the file samples again), and so is
     the code of its kind, which no training stage's fingerprint carries here; a missing file names the key."""
