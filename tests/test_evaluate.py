@@ -131,6 +131,23 @@ def test_each_metric_carries_its_counts_dimension_validity_and_floor():
     assert validity_notes({k: v for k, v in good.items() if v is not None}, ["classifier"], False) == []
 
 
+def test_one_real_image_leaves_the_fids_not_computed_instead_of_failing():
+    """Sampling a few classes of a small val split can leave one real image of them (the paper-scale run's 20
+    photos did): every FID and its floor need two per set, so they are not computed, and the rest still is."""
+    from pipeline.evaluate import Floors, fid_metrics, sample_metrics
+
+    rng = np.random.default_rng(2)
+    dim, section = 16, EvaluateConfig(k=3, is_splits=1, seed=0)
+    sets = {"real": {"classifier": _features(rng, 1, dim)}, "recon": {"classifier": _features(rng, 1, dim, 0.2)},
+            "train": {"classifier": _features(rng, 30, dim)}}
+    floors = Floors(sets, section)
+    metrics = sample_metrics(_features(rng, 20, dim), "classifier", sets, floors, section)
+    assert metrics["fid_classifier"] is None and metrics["fid_star_classifier"] is None
+    assert metrics["precision_classifier"] is None and metrics["is_classifier_n"] == 20
+    assert floors.fid("classifier", 20) is None
+    assert fid_metrics("fid_recon_classifier", sets["real"]["classifier"], sets["recon"]["classifier"], None) == {}
+
+
 def test_the_cas_resnet50_preset_is_resnet50(tmp_path):
     import torch
 
