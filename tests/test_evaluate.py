@@ -102,14 +102,21 @@ def _features(rng, n, dim, shift=0.0, classes=4):
                     rng.normal(loc=shift, size=(n, dim)), logits)
 
 
-def test_each_metric_carries_its_counts_dimension_validity_and_floor():
-    from pipeline.evaluate import Floors, sample_metrics, validity_notes
+def _classifier_sets(rng, dim: int, real: int, train: int):
+    """One net's real val set, its reconstructions and the floors' training set; their Floors; the section."""
+    from pipeline.evaluate import Floors
 
-    rng = np.random.default_rng(1)
-    dim, section = 16, EvaluateConfig(k=3, is_splits=1, seed=0)
-    sets = {"real": {"classifier": _features(rng, 200, dim)}, "recon": {"classifier": _features(rng, 200, dim, 0.2)},
-            "train": {"classifier": _features(rng, 300, dim)}}
-    floors = Floors(sets, section)
+    section = EvaluateConfig(k=3, is_splits=1, seed=0)
+    sets = {"real": {"classifier": _features(rng, real, dim)}, "recon": {"classifier": _features(rng, real, dim, 0.2)},
+            "train": {"classifier": _features(rng, train, dim)}}
+    return sets, Floors(sets, section), section
+
+
+def test_each_metric_carries_its_counts_dimension_validity_and_floor():
+    from pipeline.evaluate import sample_metrics, validity_notes
+
+    rng, dim = np.random.default_rng(1), 16
+    sets, floors, section = _classifier_sets(rng, dim, real=200, train=300)
     good = sample_metrics(_features(rng, 100, dim), "classifier", sets, floors, section)
     bad = sample_metrics(_features(rng, 100, dim, shift=1.0), "classifier", sets, floors, section)
     few = sample_metrics(_features(rng, 10, dim), "classifier", sets, floors, section)
@@ -134,13 +141,10 @@ def test_each_metric_carries_its_counts_dimension_validity_and_floor():
 def test_one_real_image_leaves_the_fids_not_computed_instead_of_failing():
     """Sampling a few classes of a small val split can leave one real image of them (the paper-scale run's 20
     photos did): every FID and its floor need two per set, so they are not computed, and the rest still is."""
-    from pipeline.evaluate import Floors, fid_metrics, sample_metrics
+    from pipeline.evaluate import fid_metrics, sample_metrics
 
-    rng = np.random.default_rng(2)
-    dim, section = 16, EvaluateConfig(k=3, is_splits=1, seed=0)
-    sets = {"real": {"classifier": _features(rng, 1, dim)}, "recon": {"classifier": _features(rng, 1, dim, 0.2)},
-            "train": {"classifier": _features(rng, 30, dim)}}
-    floors = Floors(sets, section)
+    rng, dim = np.random.default_rng(2), 16
+    sets, floors, section = _classifier_sets(rng, dim, real=1, train=30)
     metrics = sample_metrics(_features(rng, 20, dim), "classifier", sets, floors, section)
     assert metrics["fid_classifier"] is None and metrics["fid_star_classifier"] is None
     assert metrics["precision_classifier"] is None and metrics["is_classifier_n"] == 20
