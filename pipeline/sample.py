@@ -327,9 +327,9 @@ def rejection_classifier(cfg: PipelineConfig, ctx) -> Location | str:
 
 def score_columns(cfg: PipelineConfig, classifier: Location | str, known: list[str] | None,
                   classes: list[str]) -> list[int]:
-    """For each class label the priors sample, the rejection classifier's output column that scores it, found
-    by class name (`known`: a classifier file's classes): a classifier that orders its classes otherwise scores
-    the right ones, and one that lacks a sampled class is refused before any sampling."""
+    """For each class label of the priors, the rejection classifier's output column that scores it, found by
+    class name (`known`: a classifier file's classes): a classifier that orders its classes otherwise scores
+    the right ones, and one that lacks a class of the priors is refused before any sampling."""
     key = f"sample.rejection.classifier={cfg.sample.rejection.classifier}"
     if classifier == EFFICIENTNET_LITE0:
         try:
@@ -340,7 +340,7 @@ def score_columns(cfg: PipelineConfig, classifier: Location | str, known: list[s
     missing = [name for name in classes if name not in known]
     if missing:
         raise ValueError(f"{key}: the classifier in {classifier.uri} was not trained on {len(missing)} of the "
-                         f"{len(classes)} classes the priors sample, first {', '.join(map(repr, missing[:5]))}")
+                         f"{len(classes)} classes the priors were trained on, first {', '.join(map(repr, missing[:5]))}")
     position = {name: column for column, name in enumerate(known)}
     return [position[name] for name in classes]
 

@@ -149,7 +149,7 @@ def test_rejection_keeps_its_fraction_exactly_whatever_the_ties():
 
 def test_rejection_scores_each_class_at_the_column_of_its_name(tmp_path):
     """A classifier file orders its classes its own way: each sampled class is scored at the output column of
-    its name, and a classifier that lacks a sampled class is refused. EfficientNet-Lite0 scores a class at its
+    its name, and a classifier that lacks a class of the priors is refused. EfficientNet-Lite0 scores a class at its
     ImageNet-1k index (the sorted WordNet ids), and refuses classes not named by a WordNet id."""
     from conftest import section_config
     from models.classifier import ResNetClassifier, classifier_tiny
@@ -168,7 +168,7 @@ def test_rejection_scores_each_class_at_the_column_of_its_name(tmp_path):
     images, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 1, 0])
     expected = model(images).softmax(-1)[torch.arange(4), torch.tensor([1, 2, 2, 1])]
     assert torch.allclose(Scorer(classifier, columns, torch.device("cpu"))(images, labels), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="was not trained on 1 of the 2 classes the priors sample, first 'z'"):
+    with pytest.raises(ValueError, match="was not trained on 1 of the 2 classes the priors were trained on, first 'z'"):
         score_columns(cfg, classifier, ["c", "a", "b"], classes=["a", "z"])
 
     wnids = IMAGENET_WNIDS.read_text().split()
