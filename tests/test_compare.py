@@ -6,11 +6,10 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from jobs.cli import main as vq2
-from mlflow.tracking import MlflowClient
-
 from pipeline.compare import pipeline_runs
 from pipeline.config import parse_config
 from pipeline.tracking import Tracker
