@@ -112,14 +112,15 @@ def test_past_the_deadline_the_stage_fails_naming_what_it_needs_and_what_is_ther
 
 
 @pytest.fixture
-def one_cpu_cluster(s3_server):
-    """A head with one CPU that runs the driver: too small for two encode actors until a node joins. The
-    session's local Ray is put aside and started again afterwards."""
-    with ray_cluster(s3_server, head_cpus=1) as (local, _):
+def one_cpu_cluster():
+    """A head with one CPU that runs the driver: too small for two encode actors until a node joins. It takes
+    the place of the session's local Ray (the test is marked own_ray)."""
+    with ray_cluster(head_cpus=1) as (local, _):
         yield local
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_a_stage_waits_for_the_autoscaler_then_runs_on_the_node_it_adds(tiny_pipeline, one_cpu_cluster,
                                                                         waiting_lines):
     # A new encode output (another batch size) on the session's tiny pipeline, on a cluster that can grow.

@@ -31,9 +31,9 @@ TINY_JOB = [  # configs/tiny.yaml cut to the fewest steps and processes that sti
     "train_prior.warmup_steps=0", "train_prior.batch_size=16", "train_prior.val_samples=32",
     "train_prior.sample_grid=2",
     "sample.samples_per_class=4", "sample.batch_size=8",
-    # test_evaluate.py covers the Inception and EfficientNet features; the classifier's are fast.
+    # test_evaluate.py covers the Inception and EfficientNet features and CAS; the classifier's features are fast.
     "evaluate.feature_nets=[classifier]", "evaluate.max_real_images=16", "evaluate.sweep=[1.0,0.5]",
-    "evaluate.cas_steps=10",
+    "evaluate.cas_steps=0",
 ]
 
 

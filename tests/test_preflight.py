@@ -9,7 +9,7 @@ import pytest
 import ray
 import yaml
 
-from conftest import free_port, start_local_ray
+from conftest import free_port
 from jobs.cli import main as vq2
 from pipeline import demo_data
 from pipeline.config import parse_config
@@ -76,9 +76,9 @@ def python_without_fid_helper(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def ray_on_nodes_without_fid_helper(python_without_fid_helper, s3_server):
-    """A local Ray whose workers run that Python; the session's local Ray is put aside and started again
-    afterwards."""
+def ray_on_nodes_without_fid_helper(python_without_fid_helper):
+    """A local Ray whose workers run that Python, in place of the session's local Ray (the test is marked
+    own_ray)."""
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"py_executable": str(python_without_fid_helper)})
@@ -86,10 +86,10 @@ def ray_on_nodes_without_fid_helper(python_without_fid_helper, s3_server):
         yield
     finally:
         ray.shutdown()
-        start_local_ray(s3_server)
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_a_node_without_a_feature_network_package_fails_the_preflight(ray_on_nodes_without_fid_helper,
                                                                        mlflow_server, tmp_path):
     assert fid_inception_path().is_file()  # the driver has it; the nodes do not

@@ -14,14 +14,15 @@ from pipeline.storage import Location
 
 
 @pytest.fixture
-def two_node_cluster(s3_server):
-    """A head without CPUs (only the driver) and two 1-CPU worker nodes; the session's local Ray is put aside
-    and started again afterwards."""
-    with ray_cluster(s3_server, head_cpus=0, worker_cpus=(1, 1)) as (cluster, workers):
+def two_node_cluster():
+    """A head without CPUs (only the driver) and two 1-CPU worker nodes, in place of the session's local Ray
+    (the test is marked own_ray)."""
+    with ray_cluster(head_cpus=0, worker_cpus=(1, 1)) as (cluster, workers):
         yield cluster, workers
 
 
 @pytest.mark.slow
+@pytest.mark.own_ray
 def test_node_lost_mid_run_loses_nothing(two_node_cluster, tmp_path):
     cluster, workers = two_node_cluster
     source = Location(str(tmp_path / "corpus"))
