@@ -44,7 +44,7 @@ def test_one_worker_group_trains_every_level_and_a_restarted_group_keeps_a_finis
     from pipeline.storage import Location
     from pipeline.train_prior import MODEL_FILE
 
-    cfg = tiny_pipeline.config(train_prior={"seed": 7, "max_failures": 1, "sample_grid": 0})
+    cfg = tiny_pipeline.config(train_prior={"seed": 7, "max_failures": 1, "sample_grid": 0, "steps": 20})
     # A crashed run left a bottom model file that is the session's top prior: not this level's model, so
     # trained again, in the one Ray Train run that trains the top level first.
     session = run_pipeline(tiny_pipeline.config(), only="train_prior")["train_prior"]
@@ -58,8 +58,8 @@ def test_one_worker_group_trains_every_level_and_a_restarted_group_keeps_a_finis
     manifest = run_pipeline(cfg, only="train_prior")["train_prior"].manifest
     assert f"not keeping {output / 'bottom' / MODEL_FILE}: it holds the 'top' level" in caplog.text
     assert marker.exists()
-    assert manifest["levels"]["top"]["steps"] == 30 and manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
-    assert manifest["levels"]["bottom"]["steps"] == 30 and manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
+    assert manifest["levels"]["top"]["steps"] == 20 and manifest["levels"]["top"]["metrics"]["resumed_from"] == 0
+    assert manifest["levels"]["bottom"]["steps"] == 20 and manifest["levels"]["bottom"]["metrics"]["resumed_from"] == 10
     assert manifest["checkpoint"].endswith(f"{output.path}/ray_train/{Location(manifest['checkpoint']).name}")
     _, extra = load_model(output / "bottom" / MODEL_FILE, "prior")
     assert extra["level"] == "bottom"
@@ -67,7 +67,7 @@ def test_one_worker_group_trains_every_level_and_a_restarted_group_keeps_a_finis
     top_steps = [m.step for m in client.get_metric_history(manifest["run_id"], "top_train_loss_bits")]
     assert top_steps and len(top_steps) == len(set(top_steps))  # the top level was not trained again
     bottom_steps = [m.step for m in client.get_metric_history(manifest["run_id"], "bottom_train_loss_bits")]
-    assert max(bottom_steps) == 30
+    assert max(bottom_steps) == 20
 
 
 def test_a_kept_model_file_must_match_the_level_config_and_steps(tmp_path, caplog):
