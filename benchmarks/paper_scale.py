@@ -368,11 +368,11 @@ def main() -> None:
         from pipeline.runner import run_pipeline
 
         classes = sampled_classes(layout, 1 if args.quick else 2)
-        overrides = OVERRIDES + (QUICK if args.quick else []) + [f"sample.classes={json.dumps(classes)}"] + [
-            f"storage.root={s3.uri('paper-scale')}", f"dataset.source={s3.uri('photos')}",
-            f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=vq2-paper-scale"]
+        cuts = OVERRIDES + (QUICK if args.quick else []) + [f"sample.classes={json.dumps(classes)}"]
+        overrides = cuts + [f"storage.root={s3.uri('paper-scale')}", f"dataset.source={s3.uri('photos')}",
+                            f"mlflow.tracking_uri={tracking_uri}", "mlflow.experiment=vq2-paper-scale"]
         cfg = load_config(REPO / "configs" / "imagenet256.yaml", overrides)
-        print("configs/imagenet256.yaml with " + " ".join(overrides[:len(OVERRIDES) + (len(QUICK) if args.quick else 0) + 1]))
+        print("configs/imagenet256.yaml with " + " ".join(cuts))
         with Monitor([weed.pid, mlflow_server.pid]) as monitor:
             results = run_pipeline(cfg)
         table, rows = report(results, monitor, s3, run_started)

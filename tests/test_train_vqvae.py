@@ -12,35 +12,6 @@ from pipeline.runner import StageFailed, run_pipeline
 from pipeline.storage import Location
 from pipeline.train_vqvae import MODEL_FILE
 
-# 8 classes x 24 train images at 64 a shard: 3 train shards, which 2 workers cannot split evenly.
-PER_CLASS, VAL_PER_CLASS = 24, 4
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Location:
-    out = Location(str(tmp_path_factory.mktemp("corpus")))
-    demo_data.synthetic(out, PER_CLASS, VAL_PER_CLASS, size=(32, 32))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-def make_config(root, source, tracking_uri, **train):
-    tree = {
-        "storage": {"root": str(root)},
-        "dataset": {"source": str(source), "image_size": 32, "shard_size": 64},
-        "ray": {"num_workers": 2},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "train-vqvae-tests", "request_retries": 0},
-        "train_vqvae": {
-            "num_workers": 2, "batch_size": 16, "steps": 30, "lr": 3e-3, "checkpoint_every": 10,
-            "validate_every": 15, "log_every": 5, "loader_workers": 1, "shuffle_buffer": 64, "val_samples": 32,
-        } | train,
-    }
-    return parse_config(tree, "test.yaml")
-
 
 @pytest.mark.slow
 def test_two_workers_train_checkpoint_and_track(tiny_pipeline):
@@ -69,8 +40,19 @@ def test_two_workers_train_checkpoint_and_track(tiny_pipeline):
     assert grids == [f"reconstructions/step_{step:07d}.png" for step in (0, 20, 40)]
 
 
-def test_bad_configs_fail_fast(ray_local, corpus, tracking_uri, tmp_path):
-    cfg = make_config(tmp_path / "root", corpus, tracking_uri, num_workers=8)
+def test_bad_configs_fail_fast(ray_local, tmp_path):
+    corpus = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(corpus, 24, 4, size=(32, 32))
+    cfg = parse_config({
+        "storage": {"root": str(tmp_path / "root")},
+        "dataset": {"source": corpus.uri, "image_size": 32, "shard_size": 64},
+        "ray": {"num_workers": 2},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "train-vqvae-tests",
+                   "request_retries": 0},
+        "train_vqvae": {"num_workers": 8, "batch_size": 16, "steps": 30, "lr": 3e-3, "checkpoint_every": 10,
+                        "validate_every": 15, "log_every": 5, "loader_workers": 1, "shuffle_buffer": 64,
+                        "val_samples": 32},
+    }, "test.yaml")
     with pytest.raises(RuntimeError, match="shard output .* is not complete"):
         run_pipeline(cfg, only="train_vqvae")  # no dataset yet
     run_pipeline(cfg, only="shard")
