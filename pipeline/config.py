@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
-from typing import Any, ClassVar, Literal, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -370,13 +370,16 @@ class SampleConfig(Section):
         return None if value is None else [registered_model_uri(uri) for uri in value]
 
 
+FeatureNet = Literal["inception_v3", "efficientnet_lite0", "classifier"]
+
+
 class EvaluateConfig(Section):
     """Stage: the paper's metrics (FID, FID*, IS-like scores, precision/recall, CAS, the rejection trade-off),
     feature extraction on a Ray actor pool, reduction on the driver."""
 
     operational: ClassVar[frozenset[str]] = frozenset({"num_actors"})
 
-    feature_nets: list[Literal["inception_v3", "efficientnet_lite0", "classifier"]] = Field(
+    feature_nets: list[FeatureNet] = Field(
         ["inception_v3", "efficientnet_lite0", "classifier"],
         description="feature nets; every metric is named for its net (fid_inception_v3, is_classifier...)",
     )
@@ -390,7 +393,7 @@ class EvaluateConfig(Section):
     max_real_images: PositiveInt | None = Field(
         10_000, description="validation images (and their reconstructions) used, a seeded random subset; null = all"
     )
-    max_images_per_net: dict[Literal["inception_v3", "efficientnet_lite0", "classifier"], PositiveInt] = Field(
+    max_images_per_net: dict[FeatureNet, PositiveInt] = Field(
         default_factory=dict, description="for a slow net, at most this many images of each set (real, "
         "reconstructions, accepted samples, real training images for the floors) go through it, seeded subsets; "
         "such a net gives the headline metrics only, not the rejection sweep"
@@ -427,7 +430,8 @@ class EvaluateConfig(Section):
     def _some_nets(cls, value: list[str]) -> list[str]:
         if not value or len(set(value)) != len(value):
             raise ValueError("feature_nets: name each net once, at least one")
-        return value
+        # One order whatever the config's, so that listing the same nets otherwise makes the same fingerprint.
+        return sorted(value, key=get_args(FeatureNet).index)
 
     @model_validator(mode="after")
     def _sweep_range(self):

@@ -16,6 +16,7 @@ class Entry:
     label_name: str
     key: str
     path: str  # relative to the source folder
+    version: str | None = None  # storage.file_version of the listed file; None when named by a listing file
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def _image_id(file_name: str) -> str:
     return stem.replace(".", "_")
 
 
-def _classify(path: str, splits: tuple[str, ...], seen: set[tuple[str, str]]) -> Entry | Rejected:
+def _classify(path: str, version: str | None, splits: tuple[str, ...], seen: set[tuple[str, str]]) -> Entry | Rejected:
     parts = path.split("/")
     if len(parts) != 3 or parts[0] not in splits:
         return Rejected(path, "not in <split>/<class>/<file> layout")
@@ -56,14 +57,15 @@ def _classify(path: str, splits: tuple[str, ...], seen: set[tuple[str, str]]) ->
     if (split, key) in seen:
         return Rejected(path, f"duplicate key {key} in split {split}")
     seen.add((split, key))
-    return Entry(split, label_name, key, path)
+    return Entry(split, label_name, key, path, version)
 
 
 class SourceError(ValueError):
     """A dataset source that cannot be sharded: missing, empty, or without a configured split."""
 
 
-def _read_paths(source: Location, listing: Location | None, splits: tuple[str, ...]) -> dict[str, int | None]:
+def _read_paths(source: Location, listing: Location | None, splits: tuple[str, ...]) -> dict[str, str | None]:
+    """Each input path with its file version (pipeline.storage.file_version), or None when a listing file names it."""
     if listing is not None:
         if not listing.exists():
             raise SourceError(f"dataset.listing {listing}: not found")
@@ -71,10 +73,10 @@ def _read_paths(source: Location, listing: Location | None, splits: tuple[str, .
         return {line.strip(): None for line in lines if line.strip()}
     if not source.exists():
         raise SourceError(f"dataset.source {source}: not found (expected a folder <split>/<class>/<file>)")
-    paths: dict[str, int | None] = {}
+    paths: dict[str, str | None] = {}
     for split in splits:
-        for relative, size in (source / split).list_files().items():
-            paths[f"{split}/{relative}"] = size
+        for relative, version in (source / split).list_file_versions().items():
+            paths[f"{split}/{relative}"] = version
     return paths
 
 
@@ -89,7 +91,7 @@ def scan(source: Location, splits: tuple[str, ...], listing: Location | None = N
     digest = hashlib.sha256()
     for path in sorted(paths):
         digest.update(f"{path}\0{paths[path]}\n".encode("utf-8", errors="surrogateescape"))
-        item = _classify(path, splits, seen)
+        item = _classify(path, paths[path], splits, seen)
         (result.entries if isinstance(item, Entry) else result.rejected).append(item)
     result.fingerprint = digest.hexdigest()[:16]
     listed = {entry.split for entry in result.entries}

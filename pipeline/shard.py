@@ -138,42 +138,49 @@ def _previous_versions(stage_root: Location, config: dict, own: str) -> list[tup
     return sorted(versions, key=lambda item: item[0]["created"], reverse=True)
 
 
-def _sources(listing: Listing) -> dict[tuple[str, str], str]:
-    """Each listed sample's source path, by (split, key)."""
-    return {(entry.split, entry.key): entry.path for entry in listing.entries}
+def _sources(listing: Listing) -> dict[tuple[str, str], Entry]:
+    """Each listed sample by (split, key)."""
+    return {(entry.split, entry.key): entry for entry in listing.entries}
 
 
-def _still_listed(index: pa.Table, sources: dict[tuple[str, str], str]) -> bool:
-    """Whether every sample of a version's index is listed and still comes from the file it was made from."""
-    # A key can change files (x.png, once a duplicate of x.jpg's key, is the key's file when x.jpg is gone):
-    # a kept shard would then hold another image than the listing names. A version without paths in its index
-    # (written before they, and the "by" of its rejections, were kept) cannot tell.
-    if "path" not in index.column_names:
-        return False
-    rows = zip(index["split"].to_pylist(), index["key"].to_pylist(), index["path"].to_pylist(), strict=True)
-    return all(sources.get((split, key)) == path for split, key, path in rows)
+def _changed_samples(index: pa.Table, sources: dict[tuple[str, str], Entry]) -> list[str] | None:
+    """The source paths of a version's samples that are no longer listed, or not as the same file; None if the
+    version cannot tell."""
+    # A key can change files (x.png, once a duplicate of x.jpg's key, is the key's file when x.jpg is gone), and
+    # a file can be rewritten under its name: either way a kept shard would hold another image than the listing
+    # names. A version without paths and file versions in its index (written before they were kept) cannot tell.
+    if not {"path", "version"} <= set(index.column_names):
+        return None
+    rows = zip(*(index[column].to_pylist() for column in ("split", "key", "path", "version")), strict=True)
+    return [path for split, key, path, version in rows
+            if (entry := sources.get((split, key))) is None or (entry.path, entry.version) != (path, version)]
 
 
-def _find_base(ctx, sources: dict[tuple[str, str], str], config: dict) -> tuple[dict, pa.Table] | None:
-    """The newest earlier version whose samples are all still listed, from the same files: its shards are kept."""
+def _find_base(ctx, sources: dict[tuple[str, str], Entry], config: dict) -> tuple[dict, pa.Table] | None:
+    """The newest earlier version whose samples are all still listed, from the same unchanged files: its shards
+    are kept."""
     for manifest, folder in _previous_versions(ctx.output.parent, config, ctx.fingerprint):
         index = pq.read_table(io.BytesIO((folder / INDEX).read_bytes()))
-        if _still_listed(index, sources):
+        changed = _changed_samples(index, sources)
+        if changed == []:
             return manifest, index
-        log.info("shard: version %s has samples no longer listed or from other files; not growing from it",
-                 manifest["fingerprint"])
+        why = ("its index predates file versions" if changed is None else
+               f"{len(changed)} of its samples are no longer listed, come from other files or were rewritten "
+               f"in place (the first {changed[0]})")
+        log.info("shard: not growing from version %s: %s", manifest["fingerprint"], why)
     return None
 
 
-def _carried_rejections(base, listing: Listing) -> list[dict]:
-    """The base version's rejections of files it read that are still listed as samples: not read again.
+def _carried_rejections(base, versions: dict[str, str | None]) -> list[dict]:
+    """The base version's rejections of files it read that are still listed as samples, unchanged: not read again.
 
     A rejection by the listing (a bad name, a duplicate key) is never carried: the new listing decides it
-    again, and a duplicate whose key's first file is gone is now a sample to read."""
+    again, and a duplicate whose key's first file is gone is now a sample to read. A file rewritten in place
+    (another version) is read again: it may be an image now."""
     if not base:
         return []
-    entries = {entry.path for entry in listing.entries}
-    return [item for item in base[0]["rejected"] if item["by"] == "reading" and item["path"] in entries]
+    return [item for item in base[0]["rejected"]
+            if item["by"] == "reading" and item["path"] in versions and item.get("version") == versions[item["path"]]]
 
 
 def _plan(listing: Listing, classes: dict[str, int], base, carried: list[dict], shard_size: int, source: Location,
@@ -258,20 +265,22 @@ def _execute(tasks: list[ShardTask], settings: ImageSettings, cfg: PipelineConfi
     return records, progress
 
 
-def _index_table(base, records: list[dict], fingerprint: str, sources: dict[tuple[str, str], str]) -> pa.Table:
-    """One row per accepted sample (split, key, label, shard, source path): the base version's rows, then the
-    new ones."""
-    columns = {"split": [], "key": [], "label": [], "shard": [], "path": []}
+def _index_table(base, records: list[dict], fingerprint: str, sources: dict[tuple[str, str], Entry]) -> pa.Table:
+    """One row per accepted sample (split, key, label, shard, source path and file version): the base version's
+    rows, then the new ones."""
+    columns = {"split": [], "key": [], "label": [], "shard": [], "path": [], "version": []}
     for record in records:
         shard = f"{fingerprint}/{record['split']}/{record['name']}"
         for key, label in zip(record["keys"], record["labels"], strict=True):
+            entry = sources[(record["split"], key)]
             columns["split"].append(record["split"])
             columns["key"].append(key)
             columns["label"].append(label)
             columns["shard"].append(shard)
-            columns["path"].append(sources[(record["split"], key)])
+            columns["path"].append(entry.path)
+            columns["version"].append(entry.version)
     schema = pa.schema([("split", pa.string()), ("key", pa.string()), ("label", pa.int32()), ("shard", pa.string()),
-                        ("path", pa.string())])
+                        ("path", pa.string()), ("version", pa.string())])
     table = pa.table(columns, schema=schema)
     return pa.concat_tables([base[1].cast(schema), table]) if base else table
 
@@ -286,7 +295,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         log.info("shard: growing version %s (append-only)", base[0]["fingerprint"])
     classes = _class_index(listing, base)
     source = _source(cfg)
-    carried = _carried_rejections(base, listing)
+    versions = {entry.path: entry.version for entry in listing.entries}  # of the listed samples' files
+    carried = _carried_rejections(base, versions)
     tasks = _plan(listing, classes, base, carried, cfg.dataset.shard_size, source, ctx.output)
     records, progress = _execute(tasks, ImageSettings.from_config(cfg.dataset), cfg)
     records.sort(key=lambda record: (record["split"], record["name"]))
@@ -296,10 +306,12 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         {key: record[key] for key in ("split", "name", "samples", "bytes", "sha256")} | {"dataset": ctx.fingerprint}
         for record in records
     ]
-    # "by" tells a growing version which rejections to carry (those of reading) and which to decide again.
+    # "by" and "version" tell a growing version which rejections to carry (those of reading an unchanged file)
+    # and which to decide again.
     rejected = list(carried)
     rejected += [{"path": item.path, "reason": item.reason, "by": "listing"} for item in listing.rejected]
-    rejected += [item | {"by": "reading"} for record in records for item in record["rejected"]]
+    rejected += [item | {"by": "reading", "version": versions[item["path"]]}
+                 for record in records for item in record["rejected"]]
     rejected.sort(key=lambda item: item["path"])
     accepted = sum(shard["samples"] for shard in shards)
     # Every listed path is accounted for exactly once; a mismatch is a bug, never a silent loss.

@@ -40,6 +40,19 @@ def validate_key(key: str) -> str:
     return key
 
 
+# What a filesystem's listing says changes when a file is rewritten: an object's ETag (S3, GCS), a blob's MD5,
+# a local file's modification time. The first one present counts.
+_CHANGE_MARKERS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
+
+
+def file_version(info: dict[str, Any]) -> str:
+    """One listed file's size and change marker (`4854:"9f3c..."`): another value means other content, or
+    content that may be other. A filesystem that gives no marker gives the size alone."""
+    size = int(info.get("size") or 0)
+    marker = next((info[key] for key in _CHANGE_MARKERS if info.get(key) is not None), None)
+    return str(size) if marker is None else f"{size}:{marker}"
+
+
 def _s3_filesystem(endpoint_url: str | None, region: str | None) -> fsspec.AbstractFileSystem:
     """An s3fs filesystem that tries each request once: the Location's RetryPolicy is the only retry rule."""
     # Credentials are left to botocore (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, profiles, roles):
@@ -187,24 +200,32 @@ class Location:
 
     def list_files(self) -> dict[str, int]:
         """Every file below this folder as `relative key -> size`, sorted; empty if the folder is missing."""
+        return {name: int(info.get("size") or 0) for name, info in self._find("list").items()}
+
+    def list_file_versions(self) -> dict[str, str]:
+        """Every file below this folder as `relative key -> file_version(...)`, sorted; empty if it is missing."""
+        return {name: file_version(info) for name, info in self._find("list").items()}
+
+    def _find(self, operation: str) -> dict[str, dict]:
+        """Every file below this folder as `relative key -> the filesystem's details`, sorted."""
         prefix = self.path.rstrip("/") + "/"
         # The generic walk (local, memory) skips what it cannot list unless told to raise; s3fs lists a
         # prefix with paginated requests and raises on any failed page.
         on_error = {} if self.protocol in ("s3", "s3a") else {"on_error": "raise"}
 
-        def listing() -> dict[str, int]:
+        def listing() -> dict[str, dict]:
             self.fs.invalidate_cache(self.path)
             try:
                 found = self.fs.find(self.path, detail=True, **on_error)
             except FileNotFoundError:
                 return {}
             return {
-                name[len(prefix) :]: int(info.get("size") or 0)
+                name[len(prefix) :]: info
                 for name, info in sorted(found.items())
                 if info.get("type", "file") == "file" and name.startswith(prefix)
             }
 
-        return self._retrying("list", listing)
+        return self._retrying(operation, listing)
 
     def list_folders(self) -> list[str]:
         """Names of the folders directly below this one, sorted; empty if the folder is missing."""

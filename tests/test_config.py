@@ -238,6 +238,14 @@ def test_model_overrides_are_stored_as_their_types_so_one_value_is_one_fingerpri
         assert fingerprint(getattr(as_int, section), {}, 1) == fingerprint(getattr(as_float, section), {}, 1)
 
 
+def test_the_same_feature_nets_in_another_order_are_one_fingerprint(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    listed, reordered = (load_config(path, [f"evaluate.feature_nets=[{nets}]"])
+                         for nets in ("inception_v3, classifier", "classifier, inception_v3"))
+    assert reordered.evaluate.feature_nets == ["inception_v3", "classifier"]
+    assert fingerprint(listed.evaluate, {}, 1) == fingerprint(reordered.evaluate, {}, 1)
+
+
 def test_prior_settings_name_levels_of_the_vqvae(tmp_path):
     path = write(tmp_path, MINIMAL)
     for override, key in (("train_prior.models={Top: {channels: 64}}", "train_prior.models.Top"),

@@ -249,6 +249,59 @@ def test_growth_reads_a_file_that_is_no_longer_a_duplicate(ray_local, tracking_u
     assert blue > 200 and red < 50
 
 
+def _bmp(path: Path, color, size=(40, 40)) -> None:
+    """An image whose file size depends only on its size, not on its colours: a change in place of the same size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="BMP")
+
+
+def _touch_later(path: Path) -> None:
+    """A modification time unlike the one before, whatever the filesystem's timestamp resolution."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))
+
+
+@pytest.mark.parametrize("same_size", [True, False], ids=["same size", "other size"])
+def test_a_sample_changed_in_place_is_sharded_again(ray_local, tracking_uri, tmp_path, same_size):
+    """x.bmp is rewritten with another image under the same name: a kept shard would hold the old image, so the
+    next version is sharded from scratch (not cached, not grown from v1), with the new image as a/x."""
+    source = tmp_path / "corpus"
+    for name in ("train/a/x.bmp", "train/a/y.bmp", "val/a/v.bmp"):
+        _bmp(source / name, (200, 30, 30))
+    cfg = make_config(tmp_path / "root", source, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    before = (source / "train/a/x.bmp").stat().st_size
+    _bmp(source / "train/a/x.bmp", (0, 0, 255), (40, 40) if same_size else (48, 40))
+    _touch_later(source / "train/a/x.bmp")
+    assert ((source / "train/a/x.bmp").stat().st_size == before) == same_size
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert not v2.cached and v2.fingerprint != v1.fingerprint
+    assert v2.manifest["base"] is None
+    check_dataset(v2, 3, set())
+    red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
+    assert blue > 200 and red < 50
+
+
+def test_a_rejected_file_fixed_in_place_is_read_again(ray_local, tracking_uri, tmp_path):
+    """A file rejected on reading is not read again while it is listed unchanged; fixed in place (a real image
+    under the same name), it is read again, and the version grows from the last one."""
+    source = tmp_path / "corpus"
+    _bmp(source / "train/a/y.bmp", (200, 30, 30))
+    _bmp(source / "val/a/v.bmp", (200, 30, 30))
+    (source / "train/a/x.bmp").write_bytes(b"not an image")
+    cfg = make_config(tmp_path / "root", source, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    assert [item["path"] for item in v1.manifest["rejected"]] == ["train/a/x.bmp"]
+    _bmp(source / "train/a/x.bmp", (0, 0, 255))
+    _touch_later(source / "train/a/x.bmp")
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.manifest["base"] == v1.fingerprint
+    assert v2.manifest["shards"][: len(v1.manifest["shards"])] == v1.manifest["shards"]
+    check_dataset(v2, 3, set())
+    red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
+    assert blue > 200 and red < 50
+
+
 def test_verify_accepts_a_class_folder_with_a_dot(ray_local, tracking_uri, tmp_path):
     """A member name is split at the first dot of its base name, as the reader splits it: St.Bernard/1.jpg is
     sample St.Bernard/1, member jpg."""
@@ -355,6 +408,15 @@ def test_s3_end_to_end_with_real_mlflow_server(ray_local, s3_env, mlflow_server,
 
     again = run_pipeline(cfg, only="shard")["shard"]
     assert again.cached and Location(s3_env.uri("root")).list_files() == listed
+
+    # An image rewritten in place with other bytes of the same length: the object's ETag tells.
+    changed = source / next(path for path in source.list_files() if path.startswith("train/") and path.endswith(".jpg"))
+    data = bytearray(changed.read_bytes())
+    at = next(i for i in range(len(data) // 2, len(data)) if data[i] not in (0xFE, 0xFF))
+    data[at] ^= 0x01
+    changed.write_bytes(bytes(data))
+    rewritten = run_pipeline(cfg, only="shard")["shard"]
+    assert not rewritten.cached and rewritten.manifest["base"] is None
 
     # Nothing about credentials reaches MLflow.
     client = MlflowClient(mlflow_server)
