@@ -105,12 +105,15 @@ def _is_server(uri: str) -> bool:
 
 
 def _transient(error: Exception) -> bool:
-    """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), the network or the artifact
-    store failing. False when MLflow answered that the call itself is wrong (a 4xx) or the call's own code
-    failed (a ValueError, say): retrying cannot help, and one such call must not hold back every call behind it."""
+    """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), its token refused (401, 403),
+    the network or the artifact store failing. False when MLflow answered that the call itself is wrong (another
+    4xx) or the call's own code failed (a ValueError, say): retrying cannot help, and one such call must not hold
+    back every call behind it."""
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
-        return not (400 <= status < 500 and status not in (408, 429))
+        # A refused token is not a wrong call: one that expired mid-run is renewed (preflight checked it at the
+        # start), and calls dropped meanwhile would be lost; kept, they are delivered or listed as undelivered.
+        return not (400 <= status < 500 and status not in (401, 403, 408, 429))
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("boto3", "botocore", "s3fs", "urllib3")
 
 

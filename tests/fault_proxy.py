@@ -1,6 +1,6 @@
-"""A fault-injecting reverse proxy for the tests: forwards HTTP to the S3 server and, for a seeded share of
-requests, answers 503 SlowDown or 403 ExpiredToken (S3 XML error bodies) or resets the connection, before the
-response or in the middle of its body."""
+"""A fault-injecting reverse proxy for the tests: forwards HTTP to the S3 server (or the MLflow server) and, for a
+seeded share of requests, answers 503 SlowDown, 403 ExpiredToken or 401 Unauthorized (S3 XML error bodies) or
+resets the connection, before the response or in the middle of its body."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-KINDS = ("slowdown", "expired_token", "reset", "cut_body")
+KINDS = ("slowdown", "expired_token", "reset", "cut_body")  # what an S3 store does; the default
+ALL_KINDS = (*KINDS, "unauthorized")  # unauthorized: a 401, as a server behind a token check answers
 # Hop-by-hop headers (RFC 9110) are the proxy's own business; `expect` is answered by the proxy itself.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "expect"}
 ERRORS = {
     "slowdown": (503, "Slow Down", "SlowDown", "Please reduce your request rate."),
     "expired_token": (403, "Forbidden", "ExpiredToken", "The provided token has expired."),
+    "unauthorized": (401, "Unauthorized", "Unauthorized", "The token has expired."),
 }
 
 
@@ -47,9 +49,9 @@ class FaultProxy:
 
     def __init__(self, upstream: str, share: float = 0.0, repeats: int = 0, seed: int = 0,
                  kinds: tuple[str, ...] = KINDS, persistent: tuple[str, ...] = ()):
-        unknown = set(kinds) - set(KINDS)
+        unknown = set(kinds) - set(ALL_KINDS)
         if unknown or not kinds:
-            raise ValueError(f"fault kinds {sorted(unknown)} unknown; choose from {KINDS}")
+            raise ValueError(f"fault kinds {sorted(unknown)} unknown; choose from {ALL_KINDS}")
         target = urlsplit(upstream)
         self.upstream = (target.hostname, target.port)
         self.share, self.repeats, self.seed, self.kinds = share, repeats, seed, tuple(kinds)

@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import BIN, start_mlflow_server, stop
+from fault_proxy import FaultProxy
 from jobs.cli import main as vq2
 from pipeline import demo_data, runner
 from pipeline.config import parse_config, to_yaml
@@ -32,13 +33,13 @@ def make_config(root, tracking_uri=None, name="track", **mlflow_settings):
 
 def track_one_stage(cfg) -> tuple[Tracker, str, str]:
     tracker = Tracker(cfg)
-    parent = tracker.start_pipeline("run", "storage: {root: x}\n").run_id
+    parent = tracker.start_pipeline("run", "storage: {root: x}\n")
     stage = tracker.start_stage("shard", "0123456789abcdef", {"listing": "fedcba"}, {"dataset.shard_size": "5"})
     stage.log_metrics({"images_per_s": 12.5, "accepted": 7})
     stage.log_dict({"counts": {"accepted": 7}}, "manifest.json")
     stage.finish()
     tracker.finish_pipeline("FINISHED")
-    return tracker, parent, stage.run_id
+    return tracker, parent.run_id, stage.run_id  # known once MLflow created the runs (later, after an outage)
 
 
 def check_runs(client: MlflowClient, experiment: str, parent_id: str, stage_id: str, tmp_path) -> None:
@@ -207,6 +208,21 @@ def test_a_call_that_fails_by_itself_is_dropped_and_the_calls_behind_it_go_out(t
     assert "tracking call broken call failed; not retried" in caplog.text and "ValueError" in caplog.text
     run = MlflowClient(tracker.uri).get_run(stage.run_id)
     assert run.data.metrics == {"loss": 0.5} and run.info.status == "FINISHED"
+
+
+def test_a_refused_token_mid_run_queues_the_calls_and_delivers_them(mlflow_server, tmp_path, caplog):
+    """A 401 or 403 (a token that expired and is renewed) is an outage, not a wrong call: every call it refused is
+    kept and delivered once the server takes the token again, none dropped."""
+    proxy = FaultProxy(mlflow_server, share=1.0, repeats=1, kinds=("unauthorized", "expired_token")).start()
+    try:
+        # Every request fails once: each of the run's dozen calls waits out a backoff before it goes through.
+        cfg = make_config(tmp_path / "root", proxy.endpoint, name="token", retry_max_s=0.2, flush_timeout_s=60)
+        tracker, parent, stage = track_one_stage(cfg)
+    finally:
+        proxy.stop()
+    assert set(proxy.injected) == {"unauthorized", "expired_token"}
+    assert tracker.refused == [] and tracker.backlog() == [] and "not retried" not in caplog.text
+    check_runs(MlflowClient(mlflow_server), "exp-token", parent, stage, tmp_path)
 
 
 def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_time(mlflow_server, tmp_path):
