@@ -109,20 +109,30 @@ def per_level(value, levels: int, key: str) -> list:
 
 
 def trained_classes(ctx, classifier_classes: list[str] | None = None,
-                    prior_classes: dict[str, int] | None = None) -> list[str]:
-    """The classes sampling draws from: those the priors and the classifier were trained on (the upstream
-    stages' manifests say, unless the registered models' files are given).
+                    prior_classes: dict[str, tuple[int, list[str] | None]] | None = None) -> list[str]:
+    """The classes sampling draws from, in the order of the priors' class labels: label i is the name of class i
+    of the data the priors were trained on. `prior_classes` is each level's (class count, class names) from the
+    registered models' files; without it, the train_prior stage's manifest says.
 
-    Not the dataset's: under `policy.on_new_data: encode` the models keep the first dataset version,
+    The rejection classifier scores each class at its output for that name (score_columns), whatever its own
+    order. A prior file written before priors kept their class names gives only its count: the classifier's
+    classes (`classifier_classes`, else the train_classifier stage's) are then taken in their order, as before.
+    Not the dataset's classes: under `policy.on_new_data: encode` the models keep the first dataset version,
     and a grown dataset may have more classes, which the models cannot sample (evaluate says so).
     """
-    classes = classifier_classes or ctx.upstream["train_classifier"].manifest["classes"]
     if prior_classes is None:
-        prior_classes = {level: info["prior_config"]["num_classes"]
-                         for level, info in ctx.upstream["train_prior"].manifest["levels"].items()}
-    for level, conditioned_on in prior_classes.items():
-        if conditioned_on and conditioned_on != len(classes):
-            raise RuntimeError(f"the {level} prior knows {conditioned_on} classes, the classifier {len(classes)}: "
+        manifest = ctx.upstream["train_prior"].manifest
+        prior_classes = {level: (info["prior_config"]["num_classes"], manifest.get("classes"))
+                         for level, info in manifest["levels"].items()}
+    conditioned = {level: (count, names) for level, (count, names) in prior_classes.items() if count}
+    named = {tuple(names) for count, names in conditioned.values() if names}
+    if len(named) > 1:
+        raise RuntimeError(f"the priors were trained on different classes ({' vs '.join(map(str, map(list, named)))}): "
+                           "take priors of one training")
+    classes = list(named.pop()) if named else classifier_classes or ctx.upstream["train_classifier"].manifest["classes"]
+    for level, (count, _) in conditioned.items():
+        if count != len(classes):
+            raise RuntimeError(f"the {level} prior knows {count} classes, the classifier {len(classes)}: "
                                "train both on the same dataset")
     return classes
 
@@ -294,8 +304,9 @@ def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[s
     if cfg.sample.priors:
         names = level_names(len(cfg.sample.priors))
         priors = [files[f"prior.{name}"] for name in names]
-        prior_configs = [load_model(file, "prior")[0].cfg for file in priors]
-        prior_classes = {name: c.num_classes for name, c in zip(names, prior_configs)}
+        loaded = [load_model(file, "prior") for file in priors]
+        prior_configs = [model.cfg for model, _ in loaded]
+        prior_classes = {name: (model.cfg.num_classes, extra.get("classes")) for name, (model, extra) in zip(names, loaded)}
         layout = CodesLayout([c.grid for c in prior_configs], [c.codebook_size for c in prior_configs],
                              vqvae_file.uri, vqvae_fingerprint)
     else:

@@ -163,7 +163,8 @@ def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig,
         # A group restarted after the last report but before this file was written resumes at the last step.
         val_metrics = val_metrics or _validate(model, level, name, config, evaluation, tracking, step, dev)
         metrics = {"step": step, "resumed_from": resumed_from, **val_metrics}
-        save_model(level_model_file(config["output"], name), "prior", model, level=name, step=step, metrics=metrics)
+        save_model(level_model_file(config["output"], name), "prior", model, level=name, step=step, metrics=metrics,
+                   classes=config["classes"])
 
 
 def _head(files: list[Location], rows: int) -> pa.Table:
@@ -246,8 +247,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         if not files[split]:
             raise ValueError(f"encode output {ctx.upstream['encode'].location} has no {split!r} code tables")
     rows = [entry["rows"] for entry in ctx.upstream["encode"].manifest["files"]["train"]]
-    num_classes = len(ctx.upstream["shard"].manifest["classes"])
-    configs = prior_configs(section, layout, num_classes)
+    classes = ctx.upstream["shard"].manifest["classes"]  # class label i is classes[i]
+    configs = prior_configs(section, layout, len(classes))
     unknown = sorted(set(section.level_batch_size) - set(configs))
     if unknown:
         raise ValueError(f"train_prior.level_batch_size names {', '.join(unknown)}; the levels are {', '.join(configs)}")
@@ -266,7 +267,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
             "cfg": cfg, "levels": untrained, "layout": layout, "files": files,
             "pieces": code_pieces(files["train"], rows, section.num_workers),
             "vqvae_model": Location(layout.vqvae_model, ctx.root.endpoint_url, ctx.root.region),
-            "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(),
+            "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec(), "classes": classes,
         }
         checkpoint = training.fit(train_loop, loop_config, section, ctx.output).checkpoint.path
     levels = {}
@@ -279,4 +280,5 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     summary = {f"{name}_{split}_nll_bits": info["metrics"].get(f"{name}_{split}_nll_bits")
                for name, info in levels.items() for split in ("train", "val")}
     ctx.tracking.log_metrics({k: v for k, v in summary.items() if v is not None})
-    return {"levels": levels, "checkpoint": checkpoint, "layout": dataclasses.asdict(layout), "nll_bits": summary}
+    return {"levels": levels, "checkpoint": checkpoint, "layout": dataclasses.asdict(layout), "nll_bits": summary,
+            "classes": classes}

@@ -117,17 +117,43 @@ def test_classes_come_from_the_models_not_the_dataset():
     from pipeline.config import SampleConfig
     from pipeline.sample import plan, trained_classes
 
-    def ctx(prior_classes):
+    def ctx(prior_classes, names=None):
         levels = {name: {"prior_config": {"num_classes": prior_classes}} for name in ("top", "bottom")}
+        prior = {"levels": levels} | ({"classes": names} if names else {})
         return SimpleNamespace(upstream={"train_classifier": SimpleNamespace(manifest={"classes": ["a", "b", "c"]}),
-                                         "train_prior": SimpleNamespace(manifest={"levels": levels})})
+                                         "train_prior": SimpleNamespace(manifest=prior)})
 
-    assert trained_classes(ctx(3)) == ["a", "b", "c"]
+    assert trained_classes(ctx(3)) == ["a", "b", "c"]  # priors trained before they kept class names
     assert trained_classes(ctx(0)) == ["a", "b", "c"]  # unconditional priors
     with pytest.raises(RuntimeError, match="the (top|bottom) prior knows 4 classes, the classifier 3"):
         trained_classes(ctx(4))
     with pytest.raises(ValueError, match=r"sample.classes \[3\] are not indices of the 3 classes the models"):
         plan(SampleConfig(classes=[3]), 3)
+
+
+def test_a_prior_label_is_the_class_the_prior_was_trained_on_whatever_the_classifier_order():
+    """Label i of the priors is class i of their training data. A classifier (registered, or trained on the same
+    classes listed otherwise) that orders them differently gave label i its own class i's name, and the rejection
+    scored that class: now the names are the priors', each scored at the classifier's column of that name."""
+    from types import SimpleNamespace
+
+    from pipeline.config import parse_config
+    from pipeline.sample import score_columns, trained_classes
+
+    priors = {"top": (3, ["cat", "dog", "fox"]), "bottom": (3, ["cat", "dog", "fox"])}
+    classifier_order = ["dog", "fox", "cat"]
+    stages = SimpleNamespace(upstream={})
+    classes = trained_classes(stages, classifier_order, priors)
+    assert classes == ["cat", "dog", "fox"]
+    cfg = parse_config({"storage": {"root": "/r"}, "dataset": {"source": "/s"}}, "inline")
+    assert score_columns(cfg, Location("/classifier.pt"), classifier_order, classes) == [2, 0, 1]
+    # From the train_prior stage's manifest, the same.
+    levels = {name: {"prior_config": {"num_classes": 3}} for name in ("top", "bottom")}
+    stages = SimpleNamespace(upstream={"train_prior": SimpleNamespace(manifest={"levels": levels, "classes": classes}),
+                                       "train_classifier": SimpleNamespace(manifest={"classes": classifier_order})})
+    assert trained_classes(stages) == ["cat", "dog", "fox"]
+    with pytest.raises(RuntimeError, match="the priors were trained on different classes"):
+        trained_classes(stages, None, {"top": (3, ["cat", "dog", "fox"]), "bottom": (3, ["dog", "cat", "fox"])})
 
 
 def test_rejection_keeps_its_fraction_exactly_whatever_the_ties():

@@ -27,6 +27,9 @@ def test_priors_learn_below_the_uniform_baseline(tiny_pipeline):
     assert top.cfg.grid == (4, 4) and top.cfg.num_classes == 8 and len(top.attention) > 0
     assert bottom.cfg.grid == (8, 8) and bottom.cfg.condition_grids == ((4, 4),)
     assert extra["level"] == "bottom"
+    # Label i is the class of that name: the file says so for whoever takes the prior from the Model Registry.
+    classes = run_pipeline(cfg, only="shard")["shard"].manifest["classes"]
+    assert extra["classes"] == manifest["classes"] == classes and len(classes) == top.cfg.num_classes
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
     run = client.get_run(manifest["run_id"])
