@@ -200,13 +200,13 @@ class Location:
 
     def list_files(self) -> dict[str, int]:
         """Every file below this folder as `relative key -> size`, sorted; empty if the folder is missing."""
-        return {name: int(info.get("size") or 0) for name, info in self._find("list").items()}
+        return {name: int(info.get("size") or 0) for name, info in self._find().items()}
 
     def list_file_versions(self) -> dict[str, str]:
         """Every file below this folder as `relative key -> file_version(...)`, sorted; empty if it is missing."""
-        return {name: file_version(info) for name, info in self._find("list").items()}
+        return {name: file_version(info) for name, info in self._find().items()}
 
-    def _find(self, operation: str) -> dict[str, dict]:
+    def _find(self) -> dict[str, dict]:
         """Every file below this folder as `relative key -> the filesystem's details`, sorted."""
         prefix = self.path.rstrip("/") + "/"
         # The generic walk (local, memory) skips what it cannot list unless told to raise; s3fs lists a
@@ -225,7 +225,7 @@ class Location:
                 if info.get("type", "file") == "file" and name.startswith(prefix)
             }
 
-        return self._retrying(operation, listing)
+        return self._retrying("list", listing)
 
     def list_folders(self) -> list[str]:
         """Names of the folders directly below this one, sorted; empty if the folder is missing."""
