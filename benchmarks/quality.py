@@ -32,7 +32,8 @@ def number(value, digits: int = 3) -> str:
 
 def metric_rows(metrics: dict) -> list[str]:
     """FID-like metrics with their floors, counts and validity."""
-    lines = [row("metric", "value", "floor (real train vs real val)", "images compared", "feature dim", "reliable"),
+    lines = [row("metric", "value", "floor (real train vs real val; FID*: their reconstructions)", "images compared",
+                 "feature dim", "reliable"),
              row(*["---"] * 6)]
     for net in ("inception_v3", "classifier"):
         for name in ("fid", "fid_star", "fid_recon", "precision", "recall"):

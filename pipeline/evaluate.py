@@ -6,6 +6,10 @@ configured feature net once):
 - recon: the VQ-VAE reconstructions of the same images, decoded from the encode stage's validation codes;
 - train: a seeded random subset of the training split, as large as the largest set compared with the real
   one: the floors, every metric between two disjoint sets of real images of the sizes it compared;
+- train_recon: the reconstructions of those training images, decoded from the encode stage's training codes:
+  FID*'s floor, reconstructions against reconstructions (what samples as good as the VQ-VAE's
+  reconstructions of real images would score; real images against reconstructions would include the
+  decoder's loss, which FID* leaves out);
 - samples: the sample stage's PNG tars, joined with its code tables for each sample's label and score.
 A net with a cap (`evaluate.max_images_per_net`, for a slow one such as the FID InceptionV3 on a CPU) sees
 the first images of each set's seeded order up to its cap (of the samples, accepted ones only).
@@ -73,7 +77,9 @@ FORMAT_VERSION = 1
 UPSTREAM = ("shard", "train_vqvae", "encode", "train_classifier", "train_prior", "sample")
 PLOT = "rejection_tradeoff.png"
 SUMMARY = "summary.json"
-SETS = ("real", "recon", "train", "samples")
+SETS = ("real", "recon", "train", "train_recon", "samples")
+# The set of a task kind's reconstructions, decoded from the code table its task names.
+RECONSTRUCTED = {"real": "recon", "train": "train_recon"}
 
 
 # --- configuration checks -------------------------------------------------------------------------------
@@ -173,8 +179,8 @@ class FeatureActor:
         task = json.loads(str(batch["task"][0]))
         keys, images, labels = read_images(task["uri"], self.endpoint_url, self.region, keys=task["keys"])
         sets = {task["kind"]: images}
-        if task["kind"] == "real":
-            sets["recon"] = self._reconstruct(task["codes"], keys)
+        if task["kind"] in RECONSTRUCTED:
+            sets[RECONSTRUCTED[task["kind"]]] = self._reconstruct(task["codes"], keys)
         arrays = {"labels": labels.numpy()}
         for set_name, tensor in sets.items():
             for net_name in task["nets"]:
@@ -276,9 +282,17 @@ def _seeded_subset(images: list[tuple[str, str]], count: int, seed: int) -> list
     return [images[row] for row in np.random.default_rng(seed).permutation(len(images))[:count]]
 
 
-def plan_train(images: list[tuple[str, str]], section: EvaluateConfig, count: int) -> list[dict]:
+def training_codes(dataset: Dataset, encode_result) -> dict[str, str]:
+    """The URI of the training code table of each training shard, by the shard's URI."""
+    shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
+    return {shards[entry["shard"]]: (encode_result.location / entry["file"]).uri
+            for entry in encode_result.manifest["files"]["train"]}
+
+
+def plan_train(images: list[tuple[str, str]], section: EvaluateConfig, count: int, codes: dict[str, str]) -> list[dict]:
     """Tasks over a seeded random subset of `count` of the training `images` (training_images): the real
-    images the floors compare with the validation subset (another split, so the two sets are disjoint)."""
+    images the floors compare with the validation subset (another split, so the two sets are disjoint), and
+    their reconstructions from `codes` (training_codes)."""
     caps = net_caps(section)
     by_shard: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
     for rank, (key, shard) in enumerate(_seeded_subset(images, count, section.seed + 3)):
@@ -286,7 +300,7 @@ def plan_train(images: list[tuple[str, str]], section: EvaluateConfig, count: in
         keys.append(key)
         nets.append(_nets_at(rank, caps))
     return [task for shard, (keys, nets) in sorted(by_shard.items())
-            for task in _chunked("train", shard, keys, nets, section.batch_size)]
+            for task in _chunked("train", shard, keys, nets, section.batch_size, codes=codes[shard])]
 
 
 def plan_samples(keys: list[str], tars: list[str], accepted: np.ndarray, section: EvaluateConfig) -> list[dict]:
@@ -352,7 +366,7 @@ def extract_features(tasks: list[dict], section: EvaluateConfig,
     for row in pool:
         kind, keys = str(row["kind"]), json.loads(str(row["keys"]))
         arrays = np.load(io.BytesIO(row["arrays"]))
-        for set_name in ("real", "recon") if kind == "real" else (kind,):
+        for set_name in (kind, RECONSTRUCTED[kind]) if kind in RECONSTRUCTED else (kind,):
             for net in json.loads(str(row["nets"])):
                 part = parts.setdefault((set_name, net), {"keys": [], "labels": [], "features": [], "logits": []})
                 part["keys"].append(np.asarray(keys, dtype=object))
@@ -397,28 +411,40 @@ def frechet(features1: np.ndarray, features2: np.ndarray) -> float:
 
 class Floors:
     """Every metric between two disjoint sets of real images, training against validation, at the sizes a
-    comparison used: what a model that drew real images would get, the scale the value is read on.
-    Cached per net and count (every sweep point compares the same count)."""
+    comparison used: what a model that drew real images would get, the scale the value is read on. FID*'s,
+    between the two sets' reconstructions: what a model that drew the VQ-VAE's reconstructions of real images
+    would get. Cached per net and count (every sweep point compares the same count)."""
 
     def __init__(self, sets: dict[str, dict[str, Features]], section: EvaluateConfig):
-        self.train, self.real, self.section = sets["train"], sets["real"], section
+        self.sets, self.section = sets, section
         self.cache: dict[tuple[str, str, int], float | None] = {}
 
-    def _train(self, net: str, n: int) -> Features:
-        return self.train[net].subsample(n, self.section.seed + 5)
+    def _train(self, net: str, n: int, set_name: str = "train") -> Features:
+        # The same seeded rows of both training sets: they hold the same keys, sorted.
+        return self.sets[set_name][net].subsample(n, self.section.seed + 5)
 
     def fid(self, net: str, n: int) -> float | None:
-        key = ("fid", net, n)
+        """FID's floor (and the reconstructions' FID's): real training images against the real ones."""
+        return self._frechet("fid", net, n, "train", "real")
+
+    def fid_star(self, net: str, n: int) -> float | None:
+        """FID*'s floor: the training images' reconstructions against the real ones' reconstructions."""
+        return self._frechet("fid_star", net, n, "train_recon", "recon")
+
+    def _frechet(self, metric: str, net: str, n: int, train_set: str, reference_set: str) -> float | None:
+        key = (metric, net, n)
         if key not in self.cache:
-            train, real = self._train(net, n), self.real[net]
-            self.cache[key] = frechet(train.features, real.features) if min(len(train), len(real)) >= 2 else None
+            train, reference = self._train(net, n, train_set), self.sets[reference_set][net]
+            self.cache[key] = (frechet(train.features, reference.features) if min(len(train), len(reference)) >= 2
+                               else None)
         return self.cache[key]
 
     def precision_recall(self, net: str, n: int) -> tuple[float | None, float | None]:
         if ("precision", net, n) not in self.cache:
             train, k = self._train(net, n), self.section.k
-            values = (precision_recall(self.real[net].features, train.features, k=k)
-                      if len(train) > k and len(self.real[net]) > k else (None, None))
+            real = self.sets["real"][net]
+            values = (precision_recall(real.features, train.features, k=k) if len(train) > k and len(real) > k
+                      else (None, None))
             self.cache[("precision", net, n)], self.cache[("recall", net, n)] = values
         return self.cache[("precision", net, n)], self.cache[("recall", net, n)]
 
@@ -440,9 +466,8 @@ def sample_metrics(fake: Features, net: str, sets: dict[str, dict[str, Features]
     real, recon, n = sets["real"][net], sets["recon"][net], len(fake)
     out: dict[str, float | None] = {metric_name(m, net): None for m in ("fid", "fid_star", "precision", "recall")}
     if n >= 2:
-        floor = floors.fid(net, n)
-        out |= fid_metrics(metric_name("fid", net), real, fake, floor)
-        out |= fid_metrics(metric_name("fid_star", net), recon, fake, floor)
+        out |= fid_metrics(metric_name("fid", net), real, fake, floors.fid(net, n))
+        out |= fid_metrics(metric_name("fid_star", net), recon, fake, floors.fid_star(net, n))
     if n > section.k and len(real) > section.k:
         precision, recall = precision_recall(real.features, fake.features, k=section.k)
         floor_precision, floor_recall = floors.precision_recall(net, n)
@@ -783,7 +808,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
                     "two or more, so they are not computed (sample more classes, or give the val split more images "
                     "of these)", real_count)
     train_images = training_images(dataset, sampled)
-    train_tasks = plan_train(train_images, section, max(real_count, int(accepted.sum()), len(selections[0])))
+    train_tasks = plan_train(train_images, section, max(real_count, int(accepted.sum()), len(selections[0])),
+                             training_codes(dataset, ctx.upstream["encode"]))
     sample_tasks = plan_samples(keys, tars, accepted, section)
     vqvae_out = ctx.upstream["train_vqvae"]
     actor_args = {
@@ -795,7 +821,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         "use_gpu": section.use_gpu, "threads": max(1, int(section.cpus_per_actor)),
         "inception_sha256": section.inception_sha256,
     }
-    log.info("evaluate: features of %d real val images (+ reconstructions), %d real training images (floors) and "
+    log.info("evaluate: features of %d real val images and %d real training images (floors), each with its "
+             "reconstruction, and "
              "%d samples with %s%s", real_count, sum(len(t["keys"]) for t in train_tasks), len(keys), ", ".join(nets),
              "".join(f"; {net} on at most {cap} a set" for net, cap in section.max_images_per_net.items()))
     sets, timing, progress = extract_features(real_tasks + train_tasks + sample_tasks, section, actor_args)

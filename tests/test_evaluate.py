@@ -103,12 +103,13 @@ def _features(rng, n, dim, shift=0.0, classes=4):
 
 
 def _classifier_sets(rng, dim: int, real: int, train: int):
-    """One net's real val set, its reconstructions and the floors' training set; their Floors; the section."""
+    """One net's real val set, the floors' training set and the reconstructions of both; their Floors; the section."""
     from pipeline.evaluate import Floors
 
     section = EvaluateConfig(k=3, is_splits=1, seed=0)
     sets = {"real": {"classifier": _features(rng, real, dim)}, "recon": {"classifier": _features(rng, real, dim, 0.2)},
-            "train": {"classifier": _features(rng, train, dim)}}
+            "train": {"classifier": _features(rng, train, dim)},
+            "train_recon": {"classifier": _features(rng, train, dim, 0.2)}}
     return sets, Floors(sets, section), section
 
 
@@ -129,6 +130,12 @@ def test_each_metric_carries_its_counts_dimension_validity_and_floor():
         frechet(sets["train"]["classifier"].subsample(100, 5).features, sets["real"]["classifier"].features))
     assert good["fid_classifier"] < 2 * good["fid_classifier_floor"] < bad["fid_classifier"]
     assert few["fid_classifier_floor"] > good["fid_classifier_floor"]  # the floor rises as the count falls
+    # FID*'s floor is between reconstructions, as FID* is: the training images' against the real ones'. Real
+    # training images against the reconstructions would count the decoder's loss, which FID* leaves out (the
+    # old code gave FID*, computed against reconstructions, FID's floor between real images).
+    assert good["fid_star_classifier_floor"] == floors.fid_star("classifier", 100) == pytest.approx(
+        frechet(sets["train_recon"]["classifier"].subsample(100, 5).features, sets["recon"]["classifier"].features))
+    assert good["fid_star_classifier_floor"] != good["fid_classifier_floor"]
     assert good["sample_accuracy"] > 0.9 and good["is_classifier_n"] == 100
 
     metrics = {k: v for k, v in (few | {"real_images": 200}).items() if v is not None}
@@ -320,7 +327,7 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     from collections import Counter
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import plan_real, plan_samples, plan_train, training_images
+    from pipeline.evaluate import plan_real, plan_samples, plan_train, training_codes, training_images
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
@@ -336,12 +343,17 @@ def test_a_capped_net_and_the_floor_images(tiny_pipeline):
     count = min(20, sum(len(task["keys"]) for task in available))
     assert count > 6
     assert seen(real) == {"inception_v3": 6, "efficientnet_lite0": count, "classifier": count}
-    train = plan_train(training_images(dataset, first_three), section, 30)
+    codes = training_codes(dataset, results["encode"])
+    train = plan_train(training_images(dataset, first_three), section, 30, codes)
     train_keys = [key for task in train for key in task["keys"]]
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     assert len(set(train_keys)) == 30 and {label_of[key.split("/")[0]] for key in train_keys} <= {0, 1, 2}
     assert not set(train_keys) & {key for task in real for key in task["keys"]}
     assert all("/train/" in task["uri"] for task in train) and seen(train)["inception_v3"] == 6
+    # Each training task decodes its images' reconstructions (FID*'s floor) from its shard's code table.
+    assert all(task["codes"] == codes[task["uri"]] for task in train)
+    assert {row["shard"] for row in (results["encode"].manifest["files"]["train"])} == {
+        f"train/{s['name']}" for s in dataset.manifest["shards"] if s["split"] == "train"}
     assert all(len(task["keys"]) <= 5 for task in real + train)
 
     keys = [f"c/sample-{i:03d}" for i in range(40)]
