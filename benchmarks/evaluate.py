@@ -64,9 +64,10 @@ def pool(uris: list[str], vqvae: str, args, actors: int) -> tuple[float, float]:
     actor_args = {"nets": args.nets, "weights": {}, "vqvae": vqvae, "endpoint_url": None, "region": None,
                   "batch_size": args.batch, "use_gpu": args.gpu, "threads": max(1, int(cpus))}
     started = time.perf_counter()
-    features, timing, progress = extract_features([{"kind": "samples", "tar": u} for u in uris], section, actor_args)
+    tasks = [{"kind": "samples", "uri": uri, "keys": None, "nets": args.nets} for uri in uris]
+    features, timing, progress = extract_features(tasks, section, actor_args)
     elapsed = time.perf_counter() - started
-    images = len(features["samples"]["keys"])
+    images = len(features["samples"][args.nets[0]])
     return images / elapsed, images / (timing["actor_busy_s"] / min(actors, len(uris)))
 
 

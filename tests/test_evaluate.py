@@ -268,7 +268,7 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     import torch
 
     from pipeline.dataset import Dataset
-    from pipeline.evaluate import _batches, _real_train_sources, plan_real, plan_train, training_images
+    from pipeline.evaluate import _batches, _real_train_sources, plan_real, plan_train, training_codes, training_images
     from pipeline.runner import run_pipeline
 
     results = run_pipeline(tiny_pipeline.config(), only="encode")
@@ -282,7 +282,8 @@ def test_real_images_are_those_of_the_sampled_classes(tiny_pipeline):
     assert len(keys) == sum(label_of[key.split("/")[0]] in (0, 2) for task in every for key in task["keys"])
     assert all(len(task["keys"]) <= 5 for task in sampled)
     images = training_images(dataset, frozenset({0, 2}))
-    train = [key for task in plan_train(images, section, 1000) for key in task["keys"]]
+    train_tasks = plan_train(images, section, 1000, training_codes(dataset, results["encode"]))
+    train = [key for task in train_tasks for key in task["keys"]]
     cas_train = [key for source in _real_train_sources(images, 1000, 0) for key in source["keys"]]
     assert sorted(train) == sorted(cas_train) and {label_of[key.split("/")[0]] for key in train} == {0, 2}
 

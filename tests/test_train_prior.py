@@ -247,7 +247,7 @@ def _train_top_prior_in_process(monkeypatch, tmp_path, rank: int, state: dict | 
     rng_states = []
     monkeypatch.setattr(train_prior, "maybe_inject_fault", lambda *args: rng_states.append(torch.get_rng_state()))
     config = {"cfg": types.SimpleNamespace(train_prior=TrainPriorConfig(steps=steps, log_every=1)), "pieces": None,
-              "layout": None, "output": Location(str(tmp_path)), "fault": None}
+              "layout": None, "output": Location(str(tmp_path)), "fault": None, "classes": [str(c) for c in range(10)]}
     train_prior._train_level(config, 0, "top", dataclasses.replace(prior_tiny_top(), dropout=0.5), state,
                              StageRun(None, None), None, torch.device("cpu"))
     return rng_states
