@@ -242,7 +242,7 @@ def plan_real(dataset: Dataset, encode_result, section: EvaluateConfig, endpoint
     """Tasks over a seeded random subset of the validation images of the sampled classes (shards are
     ordered by class, so a prefix would not do), with the code file that reconstructs them."""
     entries = encode_result.manifest["files"]["val"]
-    shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
+    shards = shard_uris(dataset)
     per_file = []
     for entry in entries:
         location = Location((encode_result.location / entry["file"]).uri, endpoint_url, region)
@@ -282,9 +282,14 @@ def _seeded_subset(images: list[tuple[str, str]], count: int, seed: int) -> list
     return [images[row] for row in np.random.default_rng(seed).permutation(len(images))[:count]]
 
 
+def shard_uris(dataset: Dataset) -> dict[str, str]:
+    """The URI of each shard of a dataset version, by `<split>/<name>` (how the encode stage's manifest names it)."""
+    return {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
+
+
 def training_codes(dataset: Dataset, encode_result) -> dict[str, str]:
     """The URI of the training code table of each training shard, by the shard's URI."""
-    shards = {f"{s['split']}/{s['name']}": dataset.shard_location(s).uri for s in dataset.manifest["shards"]}
+    shards = shard_uris(dataset)
     return {shards[entry["shard"]]: (encode_result.location / entry["file"]).uri
             for entry in encode_result.manifest["files"]["train"]}
 
