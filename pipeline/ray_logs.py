@@ -14,6 +14,11 @@ CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cl
 # TrainingReport(...)", the whole metrics dict) through a logger named by its file's path, outside "ray.train",
 # so RunConfig's LoggingConfig does not reach it; the stages log their own progress from rank 0.
 REPORT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+# A Ray Train controller asks Ray's autoscaling coordinator for its workers' resources with a 5-s timeout, and
+# on a busy head (the coordinator actor still starting, two jobs at once) logs the timeout as a warning with the
+# whole traceback, "safe to ignore" in its own words; it asks again every 20 s. The stages make their own
+# autoscaler requests (pipeline.cluster), so the one-line warning is kept and its traceback dropped.
+AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 
 RUNTIME_ENV = {
     "worker_process_setup_hook": "pipeline.ray_logs.quiet_ray_train",
@@ -29,7 +34,16 @@ def quiet_ray_train() -> None:
     """A Ray `worker_process_setup_hook`."""
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
     logging.getLogger(REPORT_LOGGER).setLevel(logging.WARNING)
+    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).addFilter(without_traceback)
     # The cleaner finds its Ray through the state API with no address; with two local Rays on one machine (a
     # nightly run overlapping a manual one) that lookup raises and kills its thread with a traceback.
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if "RAY_ADDRESS" not in os.environ:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def without_traceback(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps a record's message and drops the traceback attached to it."""
+    record.exc_info = None
+    record.exc_text = None
+    return True
 

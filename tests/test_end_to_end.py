@@ -62,7 +62,7 @@ def test_two_jobs_submitted_at_once_to_a_ray_head_run_the_whole_pipeline_once(ra
     logs = [jobs.get_job_logs(job_id) for job_id in job_ids]
     for job_id, text in zip(job_ids, logs):
         assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED, text[-5000:]
-        assert not alarming_lines(text), alarming_lines(text)
+        assert not alarming_lines(text), "\n\n".join(alarming_lines(text))  # a string: pytest cuts a list's repr
     # Each job checked the cluster for the stages still to make when it started: all of them for the first,
     # the rest for a job that starts after the other one has made the first stages.
     preflights = [re.search(r"preflight: the cluster is ready for (.+?) \(", text) for text in logs]
