@@ -173,7 +173,7 @@ def test_the_cas_resnet50_preset_is_resnet50(tmp_path):
 
 
 SWEEP = [1.0, 0.5, 0.25]
-TINY_EVALUATE = {"max_real_images": None, "batch_size": 16, "sweep": SWEEP, "is_splits": 2,
+TINY_EVALUATE = {"max_real_images": 16, "batch_size": 16, "sweep": SWEEP, "is_splits": 2,
                  "cas_steps": 15, "cas_batch_size": 16, "num_actors": 2,
                  "max_images_per_net": {"efficientnet_lite0": 8}}
 
@@ -204,15 +204,15 @@ def test_evaluate_end_to_end(tiny_pipeline, tmp_path):
     assert expected <= set(metrics), expected - set(metrics)
     assert manifest["not_computed"] == []
     assert all(math.isfinite(v) for v in metrics.values())
-    assert metrics["real_images"] == 32 and metrics["samples"] == 24 and metrics["accepted_samples"] == 16
+    assert metrics["real_images"] == 16 and metrics["samples"] == 24 and metrics["accepted_samples"] == 16
     assert 0 <= metrics["precision_inception_v3"] <= 1 and 0 <= metrics["cas_top1"] <= metrics["cas_top5"] <= 1
     # Each metric with the counts it compared: the accepted samples against the real images; the capped net on
     # its 8 of each; all of them too few for their feature dimensions here, and the summary says so.
-    assert (metrics["fid_inception_v3_n"], metrics["fid_inception_v3_ref_n"], metrics["fid_inception_v3_dim"]) == (16, 32, 2048)
+    assert (metrics["fid_inception_v3_n"], metrics["fid_inception_v3_ref_n"], metrics["fid_inception_v3_dim"]) == (16, 16, 2048)
     assert (metrics["fid_efficientnet_lite0_n"], metrics["fid_efficientnet_lite0_ref_n"]) == (8, 8)
-    assert (metrics["fid_recon_classifier_n"], metrics["fid_recon_classifier_ref_n"]) == (32, 32)
+    assert (metrics["fid_recon_classifier_n"], metrics["fid_recon_classifier_ref_n"]) == (16, 16)
     assert metrics["fid_inception_v3_reliable"] == 0.0 and metrics["fid_inception_v3_floor"] > 0
-    assert any(note.startswith("UNRELIABLE") and "fid_inception_v3 (16 vs 32 images, 2048-d)" in note
+    assert any(note.startswith("UNRELIABLE") and "fid_inception_v3 (16 vs 16 images, 2048-d)" in note
                for note in manifest["notes"])
     assert any("Inception Score is not on the Inception network" in note for note in manifest["notes"])
 
