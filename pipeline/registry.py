@@ -21,16 +21,18 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from mlflow.entities import LoggedModelOutput
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model
-from mlflow.tracking import MlflowClient
 
 from pipeline.config import REGISTERED_MODEL_URI, PipelineConfig, redact_uri
 from pipeline.storage import Location
 from pipeline.tracking import StageRun, experiment_name, tracking_uri
+
+# mlflow is imported in the functions that call it, as in pipeline/tracking.py: the stage modules import this
+# one, and their Ray workers and actors that register or resolve nothing should not pay mlflow's import.
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("vq2")
 
@@ -72,6 +74,10 @@ def register(ctx, cfg: PipelineConfig, kind: str, model_file: Location, model_co
     if not cfg.mlflow.register_models or stage_run.tracker is None:
         return
     fingerprint, stage = ctx.fingerprint, ctx.name
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
     from pipeline.mlflow_model import signature
 
     tracker = stage_run.tracker
@@ -149,6 +155,8 @@ class RegisteredVersion:
 
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
     uri = tracking_uri(cfg)
     return MlflowClient(uri, registry_uri=uri)
 
@@ -156,6 +164,8 @@ def client_for(cfg: PipelineConfig) -> MlflowClient:
 def resolve(cfg: PipelineConfig, uri: str) -> RegisteredVersion:
     """The version a models:/<name>@<alias> or models:/<name>/<version> URI names now; only versions that vq2
     registered (they carry the model file's digest) are accepted."""
+    from mlflow.exceptions import MlflowException
+
     match = REGISTERED_MODEL_URI.fullmatch(uri)
     if match is None:
         raise ValueError(f"{uri!r} is not models:/<name>@<alias> or models:/<name>/<version>")
@@ -197,6 +207,8 @@ def fetch(cfg: PipelineConfig, registered: RegisteredVersion, destination: Locat
 def promote(uri: str, experiment: str, run_id: str, alias: str) -> list[tuple[str, str]]:
     """Set `alias` on every model version registered by the stages of pipeline run `run_id` (the parent run, or
     a stage run) of `experiment`, and of the earlier runs whose outputs it reused; [(name, version)]."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(uri, registry_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:

@@ -15,7 +15,6 @@ import webdataset as wds
 from PIL import Image
 
 from models.sampling import sample_codes
-from mlflow.entities import LoggedModelInput
 
 from pipeline import registry
 from pipeline.actor_pool import pool_rows
@@ -294,6 +293,8 @@ def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[s
     models from different trainings are checked to fit together."""
     registered = ctx.external or {}
     if registered:
+        from mlflow.entities import LoggedModelInput  # here: the pool's actors import this module, and track nothing
+
         ctx.tracking.log_inputs(models=[LoggedModelInput(version.model_id) for version in registered.values()])
         ctx.tracking.set_tags({f"registry.{role}": f"{v.name}/{v.version}" for role, v in registered.items()})
     files = {role: registry.fetch(cfg, version, ctx.output / MODELS / f"{role}.pt") for role, version in registered.items()}

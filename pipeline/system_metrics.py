@@ -14,16 +14,19 @@ from __future__ import annotations
 import logging
 import threading
 
-from mlflow.entities import Metric
-from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-from mlflow.utils.time import get_current_time_millis
-
 from pipeline.tracking import StageRun
 
 log = logging.getLogger("vq2")
 PREFIX = "system/"
+
+
+def _monitors() -> list:
+    """MLflow's collectors of this machine, imported when a run samples it (pipeline/tracking.py says why)."""
+    from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+    from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+    from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+    return [CPUMonitor(), DiskMonitor(), NetworkMonitor()] + [m for m in [_gpu_monitor()] if m]
 
 
 def _gpu_monitor():
@@ -59,7 +62,7 @@ class SystemMetrics:
 
     def __enter__(self) -> SystemMetrics:
         if self.interval_s > 0 and self.run.tracker is not None:
-            self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()] + [m for m in [_gpu_monitor()] if m]
+            self.monitors = _monitors()
             self._collect()  # the first CPU reading only starts psutil's interval
             for monitor in self.monitors:
                 monitor.clear_metrics()
@@ -84,9 +87,7 @@ class SystemMetrics:
         for monitor in self.monitors:
             values |= monitor.aggregate_metrics()
             monitor.clear_metrics()
-        now = get_current_time_millis()
-        self.run.log_batch(metrics=[Metric(self.prefix + key, float(value), now, self._step)
-                                    for key, value in values.items()])
+        self.run.log_metrics({self.prefix + key: value for key, value in values.items()}, step=self._step)
         self._step += 1
 
     def _loop(self) -> None:

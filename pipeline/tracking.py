@@ -28,15 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-from mlflow.entities import DatasetInput, LoggedModelInput, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.time import get_current_time_millis
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import PipelineConfig
 from pipeline.storage import Location
+
+# mlflow is imported where a call needs it, not here: every process that runs a stage's code imports this
+# module (Ray Train's controller and every rank, each actor of a pool), and importing mlflow costs 1.5 to 3 s
+# of CPU a process (most of it its GenAI packages) that the processes which never track need not pay.
+if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput, LoggedModelInput, Metric, Param, RunTag
 
 log = logging.getLogger("vq2")
 MAX_PARAM_LENGTH = 6000
@@ -109,6 +110,8 @@ def _transient(error: Exception) -> bool:
     the network or the artifact store failing. False when MLflow answered that the call itself is wrong (another
     4xx) or the call's own code failed (a ValueError, say): retrying cannot help, and one such call must not hold
     back every call behind it."""
+    from mlflow.exceptions import MlflowException
+
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         # A refused token is not a wrong call: one that expired mid-run is renewed (preflight checked it at the
@@ -141,6 +144,8 @@ class Tracker:
                 # this config's endpoint: set, not defaulted, or a process that tracked another config first would
                 # keep sending them to that one's endpoint.
                 os.environ["MLFLOW_S3_ENDPOINT_URL"] = cfg.storage.endpoint_url
+        from mlflow.tracking import MlflowClient
+
         self.client = MlflowClient(self.uri, registry_uri=self.uri)  # else the registry is ./mlflow.db
         self.experiment_id: str | None = None
         self.parent: StageRun | None = None
@@ -178,6 +183,8 @@ class Tracker:
             except Exception as error:  # noqa: BLE001 - tracking never stops the data work
                 message = f"{call.what}: {type(error).__name__}: {str(error)[:300]}"
                 if not _transient(error):
+                    from mlflow.exceptions import MlflowException
+
                     if isinstance(error, MlflowException):
                         log.warning("MLflow refused %s; not retried", message)
                     else:
@@ -219,6 +226,8 @@ class Tracker:
 
     def replay(self, folder: Location) -> None:
         """Queue the calls that workers left under `folder` (metrics, params, tags), then delete the files."""
+        from mlflow.entities import Metric, Param, RunTag
+
         for name in (folder / BACKLOG).list_files():
             file = folder / BACKLOG / name
             for record in file.read_json():
@@ -262,6 +271,8 @@ class Tracker:
 
     def start_stage(self, stage: str, fingerprint: str, inputs: dict[str, str], params: dict[str, str]) -> StageRun:
         """Open the nested run of one stage; `params` are its flattened config section."""
+        from mlflow.entities import Param
+
         tags = {"mlflow.runName": stage, "stage": stage, "fingerprint": fingerprint}
         tags |= {f"input.{name}": value for name, value in inputs.items()}
         stage_run = self._open_run(stage, tags)
@@ -269,6 +280,8 @@ class Tracker:
         return stage_run
 
     def _open_run(self, what: str, tags: dict[str, str]) -> StageRun:
+        from mlflow.exceptions import MlflowException
+
         stage_run = StageRun(self, None)
         parent = self.parent
 
@@ -339,6 +352,7 @@ class StageRun:
     def _submit(self, what: str, call: Callable[[str], Any], record: dict) -> None:
         if self.tracker is None:
             return
+        from mlflow.exceptions import MlflowException
 
         def run() -> None:
             if self.run_id is None:
@@ -354,10 +368,15 @@ class StageRun:
         self._submit("log batch", lambda run_id: self.tracker.client.log_batch(run_id, metrics, params, tags), record)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        from mlflow.utils.time import get_current_time_millis
+
         now = get_current_time_millis()
         self.log_batch(metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_inputs(self, datasets: list[DatasetInput] = (), models: list[LoggedModelInput] = ()) -> None:
