@@ -827,8 +827,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         "inception_sha256": section.inception_sha256,
     }
     log.info("evaluate: features of %d real val images and %d real training images (floors), each with its "
-             "reconstruction, and "
-             "%d samples with %s%s", real_count, sum(len(t["keys"]) for t in train_tasks), len(keys), ", ".join(nets),
+             "reconstruction, and %d samples with %s%s", real_count, sum(len(t["keys"]) for t in train_tasks),
+             len(keys), ", ".join(nets),
              "".join(f"; {net} on at most {cap} a set" for net, cap in section.max_images_per_net.items()))
     sets, timing, progress = extract_features(real_tasks + train_tasks + sample_tasks, section, actor_args)
     floors = Floors(sets, section)
