@@ -381,14 +381,21 @@ def extract_features(tasks: list[dict], section: EvaluateConfig,
                     part["logits"].append(arrays[f"{set_name}/{net}/logits"])
         busy_s += float(row["seconds"])
         progress.advance(1, int(row["images"]))
-    merged: dict[str, dict[str, Features]] = {name: {} for name in SETS}
+    return merged_sets(parts, actor_args["nets"]), {"actor_busy_s": busy_s}, progress
+
+
+def merged_sets(parts: dict[tuple[str, str], dict[str, list]], nets: list[str]) -> dict[str, dict[str, Features]]:
+    """{set: {net: Features}} from the pool's parts, each sorted by key. A set that got no images on a net (no
+    training images of the sampled classes, a capped net that rejection left no sample) is there and empty,
+    so that what it takes part in is not computed, not a KeyError."""
+    merged = {name: {net: Features.empty(0) for net in nets} for name in SETS}
     for (set_name, net), part in parts.items():
         keys = np.concatenate(part["keys"])
         order = np.argsort(keys, kind="stable")
         logits = np.concatenate(part["logits"])[order] if part["logits"] else None
         merged[set_name][net] = Features(keys[order], np.concatenate(part["labels"])[order],
                                          np.concatenate(part["features"])[order], logits)
-    return merged, {"actor_busy_s": busy_s}, progress
+    return merged
 
 
 # --- reduction on the driver ----------------------------------------------------------------------------
@@ -663,7 +670,8 @@ def run_cas(cfg: PipelineConfig, ctx, train_images: list[tuple[str, str]], real_
     `num_classes` classes and is tested on the real validation subset."""
     section, root = cfg.evaluate, ctx.root
     classifier = ctx.upstream["train_classifier"].manifest
-    model_config = dict(classifier["classifier_config"])
+    # The pipeline classifier's architecture with the models' classes: it may know more (a newer dataset's).
+    model_config = dict(classifier["classifier_config"]) | {"num_classes": num_classes}
     if section.cas_preset is not None:
         from models.classifier import CLASSIFIER_PRESETS
 
@@ -685,11 +693,15 @@ def run_cas(cfg: PipelineConfig, ctx, train_images: list[tuple[str, str]], real_
               max(1, int(section.cpus_per_actor)))
     log.info("evaluate: CAS, %d steps on %d samples and on %d real training images", section.cas_steps,
              len(all_keys), sum(len(s["keys"]) for s in on_real))
-    samples_result, real_result = ray.get([task.remote(on_samples, test, *common), task.remote(on_real, test, *common)])
-    metrics = {f"cas_{k}": v for k, v in samples_result.items() if k in ("top1", "top5", "loss")}
-    metrics |= {f"cas_real_{k}": v for k, v in real_result.items() if k in ("top1", "top5", "loss")}
-    metrics |= {"cas_train_images": samples_result["train_images"], "cas_real_train_images": real_result["train_images"],
-                "cas_test_images": samples_result["test_images"]}
+    if not on_real:
+        log.warning("evaluate: the sampled classes have no training images, so CAS has no real-data reference "
+                    "(cas_real_*)")
+    trained_on = {"cas": on_samples} | ({"cas_real": on_real} if on_real else {})
+    results = dict(zip(trained_on, ray.get([task.remote(sources, test, *common) for sources in trained_on.values()])))
+    metrics: dict[str, float | None] = {f"cas_real_{k}": None for k in ("top1", "top5", "loss", "train_images")}
+    for prefix, result in results.items():
+        metrics |= {f"{prefix}_{k}": v for k, v in result.items() if k in ("top1", "top5", "loss", "train_images")}
+    metrics["cas_test_images"] = results["cas"]["test_images"]
     return metrics
 
 
@@ -838,9 +850,7 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     accepted_keys = [key for key, keep in zip(keys, accepted) if keep]
     for net in nets:
         real, recon = sets["real"][net], sets["recon"][net]
-        # A capped net sees accepted samples only: none when rejection kept none.
-        samples = sets["samples"].get(net, Features.empty(real.dim))
-        headline = sample_metrics(samples.take(accepted_keys), net, sets, floors, section)
+        headline = sample_metrics(sets["samples"][net].take(accepted_keys), net, sets, floors, section)
         if "sample_accuracy" in headline:
             headline["sample_accuracy_accepted"] = headline.pop("sample_accuracy")
         metrics |= headline
@@ -868,6 +878,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
     if section.cas_steps > 0 and not accepted.any():
         log.warning("evaluate: rejection kept no sample, so there is no CAS (sample.rejection: %s)",
                     cfg.sample.rejection.model_dump(exclude={"classifier"}))
+    elif section.cas_steps > 0 and not real_count:
+        log.warning("evaluate: no real validation image of the sampled classes to test on, so there is no CAS")
     elif section.cas_steps > 0:
         sample_keys: dict[str, list[str]] = {}
         for key, tar, keep in zip(keys, tars, accepted):

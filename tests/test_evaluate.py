@@ -159,6 +159,62 @@ def test_one_real_image_leaves_the_fids_not_computed_instead_of_failing():
     assert fid_metrics("fid_recon_classifier", sets["real"]["classifier"], sets["recon"]["classifier"], None) == {}
 
 
+def _parts(sets: dict) -> dict:
+    """{set: {net: Features}} as the feature pool's parts, in two pieces each (what merged_sets merges)."""
+    parts = {}
+    for set_name, by_net in sets.items():
+        for net, f in by_net.items():
+            halves = [np.arange(len(f))[::-1][i::2] for i in range(2)]  # out of key order, as the pool returns them
+            parts[(set_name, net)] = {"keys": [f.keys[h] for h in halves], "labels": [f.labels[h] for h in halves],
+                                      "features": [f.features[h] for h in halves], "logits": [f.logits[h] for h in halves]}
+    return parts
+
+
+def test_a_set_without_images_leaves_what_it_takes_part_in_not_computed():
+    """Sampled classes with no training images (a class only the val split has) give the floors' sets no
+    image at all: the floors are not computed, every other metric is (was: KeyError on the missing set)."""
+    from pipeline.evaluate import Floors, merged_sets, sample_metrics
+
+    rng, dim = np.random.default_rng(3), 16
+    sets, _, section = _classifier_sets(rng, dim, real=40, train=40)
+    merged = merged_sets(_parts({name: sets[name] for name in ("real", "recon")}), ["classifier"])
+    assert list(merged["real"]["classifier"].keys) == sorted(sets["real"]["classifier"].keys)
+    assert np.array_equal(merged["real"]["classifier"].features, sets["real"]["classifier"].features)
+    assert len(merged["train"]["classifier"]) == len(merged["samples"]["classifier"]) == 0
+    metrics = sample_metrics(_features(rng, 30, dim), "classifier", merged, Floors(merged, section), section)
+    for name in ("fid_classifier", "fid_star_classifier", "precision_classifier", "recall_classifier"):
+        assert metrics[name] > 0 and metrics[f"{name}_n"] == 30 and f"{name}_floor" not in metrics
+
+
+def test_cas_takes_the_models_classes_and_runs_without_real_training_images(ray_local, tmp_path):
+    """The pipeline classifier may know more classes than the priors (retrained on a grown dataset, the priors
+    registered before): CAS's classifiers have an output for each of the models' classes. With no training
+    image of the sampled classes, CAS on the samples is measured and its real-data reference is not computed
+    (was: ValueError on 4 classes against 3, then on a task with no images)."""
+    import io
+    from types import SimpleNamespace
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pipeline.evaluate import run_cas
+    from pipeline.storage import Location
+
+    path, keys = tmp_path / "samples.tar", []
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(12):
+            png = io.BytesIO()
+            Image.new("RGB", (16, 16), (80 * (i % 3), 40, 200 - 60 * (i % 3))).save(png, "PNG")
+            keys.append(f"c{i % 3}/sample-{i:03d}")
+            writer.write({"__key__": keys[-1], "png": png.getvalue(), "cls": str(i % 3).encode()})
+    cfg = section_config(tmp_path, evaluate={"cas_steps": 2, "cas_batch_size": 4})
+    classifier = {"classifier_config": {"num_classes": 4, "width": 8, "stages": 2, "blocks_per_stage": 1}}
+    ctx = SimpleNamespace(root=Location(str(tmp_path)), upstream={"train_classifier": SimpleNamespace(manifest=classifier)})
+    metrics = run_cas(cfg, ctx, [], [{"uri": path.as_posix(), "keys": keys}], {path.as_posix(): keys}, num_classes=3)
+    assert 0 <= metrics["cas_top1"] <= 1 and metrics["cas_train_images"] == metrics["cas_test_images"] == 12
+    assert metrics["cas_real_top1"] is None and metrics["cas_real_train_images"] is None
+
+
 def test_the_cas_resnet50_preset_is_resnet50(tmp_path):
     import torch
 
