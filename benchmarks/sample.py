@@ -37,7 +37,7 @@ def build_models(folder: Location, args) -> tuple[dict, CodesLayout]:
     for cfg in (top, bottom):
         cfg.channels, cfg.residual_channels = args.channels, 2 * args.channels
     models = {"vqvae": folder / "vqvae.pt", "priors": [folder / "top.pt", folder / "bottom.pt"],
-              "classifier": folder / "classifier.pt"}
+              "classifier": folder / "classifier.pt", "score_columns": list(range(args.classes))}
     save_model(models["vqvae"], "vqvae", vqvae)
     save_model(models["priors"][0], "prior", CodePrior(top))
     save_model(models["priors"][1], "prior", CodePrior(bottom))
@@ -52,7 +52,7 @@ def single_process(models: dict, batches: list[dict], fast: bool) -> float:
 
     vqvae = load_model(models["vqvae"], "vqvae")[0]
     priors = [load_model(m, "prior")[0] for m in models["priors"]]
-    scorer = Scorer("dataset", models["classifier"], torch.device("cpu"))
+    scorer = Scorer(models["classifier"], models["score_columns"], torch.device("cpu"))
     started, count = time.perf_counter(), 0
     for batch in batches:
         labels = torch.tensor(batch["labels"])
