@@ -55,9 +55,13 @@ class ShardTask:
         return self.output / self.split / self.name.replace(".tar", ".json")
 
 
-def _rejection_reason(error: Exception) -> str:
-    # A bad input is a BadInput (its message is the reason) or the storage's answer that the file is not there.
-    return str(error) if isinstance(error, BadInput) else f"not found: {type(error).__name__}: {error}"
+def _rejection(path: str, error: Exception) -> dict:
+    """The record of an input rejected on reading: its reason, and whether that is about the file's content."""
+    # A BadInput (not an image, corrupt, a bomb, too large; its message is the reason) holds while the file is
+    # unchanged; the storage's answer that the file is not there (or is a folder) may not hold at the next read.
+    content = isinstance(error, BadInput)
+    reason = str(error) if content else f"not found: {type(error).__name__}: {error}"
+    return {"path": path, "reason": reason, "content": content}
 
 
 def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
@@ -77,7 +81,7 @@ def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
             except Exception as error:  # noqa: BLE001 - is_transient decides; a transient error is raised
                 if is_transient(error):
                     raise
-                rejected.append({"path": path, "reason": _rejection_reason(error)})
+                rejected.append(_rejection(path, error))
                 continue
             writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
             keys.append(key)
@@ -172,15 +176,20 @@ def _find_base(ctx, sources: dict[tuple[str, str], Entry], config: dict) -> tupl
 
 
 def _carried_rejections(base, versions: dict[str, str | None]) -> list[dict]:
-    """The base version's rejections of files it read that are still listed as samples, unchanged: not read again.
+    """The base version's rejections of the content of files it read that are still listed as samples,
+    unchanged: not read again.
 
     A rejection by the listing (a bad name, a duplicate key) is never carried: the new listing decides it
     again, and a duplicate whose key's first file is gone is now a sample to read. A file rewritten in place
-    (another version) is read again: it may be an image now."""
+    (another version) is read again: it may be an image now. So is a file that was not found: it may be there
+    now under the same version (moved away and back, an object put again with the same bytes, a listing file's
+    name, which has no version). A rejection recorded without `content` (before it was kept) is not carried:
+    its file is read once more and decided by this rule."""
     if not base:
         return []
     return [item for item in base[0]["rejected"]
-            if item["by"] == "reading" and item["path"] in versions and item.get("version") == versions[item["path"]]]
+            if item["by"] == "reading" and item.get("content")
+            and item["path"] in versions and item.get("version") == versions[item["path"]]]
 
 
 def _plan(listing: Listing, classes: dict[str, int], base, carried: list[dict], shard_size: int, source: Location,
@@ -306,8 +315,8 @@ def run(cfg: PipelineConfig, ctx) -> dict:
         {key: record[key] for key in ("split", "name", "samples", "bytes", "sha256")} | {"dataset": ctx.fingerprint}
         for record in records
     ]
-    # "by" and "version" tell a growing version which rejections to carry (those of reading an unchanged file)
-    # and which to decide again.
+    # "by", "content" and "version" tell a growing version which rejections to carry (those of reading an
+    # unchanged file's content) and which to decide again.
     rejected = list(carried)
     rejected += [{"path": item.path, "reason": item.reason, "by": "listing"} for item in listing.rejected]
     rejected += [item | {"by": "reading", "version": versions[item["path"]]}

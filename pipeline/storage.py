@@ -41,13 +41,22 @@ def validate_key(key: str) -> str:
 
 
 # What a filesystem's listing says changes when a file is rewritten: an object's ETag (S3, GCS), a blob's MD5,
-# a local file's modification time. The first one present counts.
+# else a modification or creation time. The first one present counts. Local files are not told by these: see
+# file_version.
 _CHANGE_MARKERS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created")
 
 
-def file_version(info: dict[str, Any]) -> str:
-    """One listed file's size and change marker (`4854:"9f3c..."`): another value means other content, or
-    content that may be other. A filesystem that gives no marker gives the size alone."""
+def file_version(info: dict[str, Any], filesystem: fsspec.AbstractFileSystem) -> str:
+    """One listed file's size and change marker: `4854:"9f3c..."` (an object's ETag), `4854:<mtime ns>:<ctime ns>`
+    (a local file). Another value means other content, or content that may be other. A filesystem that gives no
+    marker gives the size alone. Raises FileNotFoundError for a local file deleted since it was listed."""
+    if isinstance(filesystem, LocalFileSystem):
+        # The modification time alone misses a rewrite of the same length that sets it back (tar -x of a
+        # reproducible tar, cp -p, shutil.copy2, unzip); the status change time cannot be set back. It also
+        # changes on a chmod or a rename: that file is read again, never served stale. From os.stat, since
+        # fsspec's `created` is the birth time where there is one (macOS, Windows), which a rewrite keeps.
+        stat = os.stat(info["name"])
+        return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
     size = int(info.get("size") or 0)
     marker = next((info[key] for key in _CHANGE_MARKERS if info.get(key) is not None), None)
     return str(size) if marker is None else f"{size}:{marker}"
@@ -203,8 +212,15 @@ class Location:
         return {name: int(info.get("size") or 0) for name, info in self._find().items()}
 
     def list_file_versions(self) -> dict[str, str]:
-        """Every file below this folder as `relative key -> file_version(...)`, sorted; empty if it is missing."""
-        return {name: file_version(info) for name, info in self._find().items()}
+        """Every file below this folder as `relative key -> file_version(...)`, sorted; empty if it is missing.
+        A file deleted between the listing and its version is left out, as from a listing a moment later."""
+        versions = {}
+        for name, info in self._find().items():
+            try:
+                versions[name] = file_version(info, self.fs)
+            except FileNotFoundError:
+                continue
+        return versions
 
     def _find(self) -> dict[str, dict]:
         """Every file below this folder as `relative key -> the filesystem's details`, sorted."""

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import BIN, free_port
 from jobs.cli import main as vq2
 from pipeline import demo_data
+from pipeline import shard as shard_stage
 from pipeline.config import parse_config, to_yaml
 from pipeline.dataset import Dataset, verify
 from pipeline.lease import LEASE
@@ -249,10 +250,16 @@ def test_growth_reads_a_file_that_is_no_longer_a_duplicate(ray_local, tracking_u
     assert blue > 200 and red < 50
 
 
-def _bmp(path: Path, color, size=(40, 40)) -> None:
+def _bmp_bytes(color, size=(40, 40)) -> bytes:
     """An image whose file size depends only on its size, not on its colours: a change in place of the same size."""
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="BMP")
+    return out.getvalue()
+
+
+def _bmp(path: Path, color, size=(40, 40)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path, format="BMP")
+    path.write_bytes(_bmp_bytes(color, size))  # truncated and written in place, as an editor or cp would
 
 
 def _touch_later(path: Path) -> None:
@@ -261,19 +268,26 @@ def _touch_later(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))
 
 
-@pytest.mark.parametrize("same_size", [True, False], ids=["same size", "other size"])
-def test_a_sample_changed_in_place_is_sharded_again(ray_local, tracking_uri, tmp_path, same_size):
+@pytest.mark.parametrize("same_size, same_mtime", [(True, False), (False, False), (True, True)],
+                         ids=["same size", "other size", "same size and mtime"])
+def test_a_sample_changed_in_place_is_sharded_again(ray_local, tracking_uri, tmp_path, same_size, same_mtime):
     """x.bmp is rewritten with another image under the same name: a kept shard would hold the old image, so the
-    next version is sharded from scratch (not cached, not grown from v1), with the new image as a/x."""
+    next version is sharded from scratch (not cached, not grown from v1), with the new image as a/x. Also when
+    the rewrite sets the modification time back, as tar -x of a reproducible tar, cp -p or unzip do."""
     source = tmp_path / "corpus"
     for name in ("train/a/x.bmp", "train/a/y.bmp", "val/a/v.bmp"):
         _bmp(source / name, (200, 30, 30))
     cfg = make_config(tmp_path / "root", source, tracking_uri)
     v1 = run_pipeline(cfg, only="shard")["shard"]
-    before = (source / "train/a/x.bmp").stat().st_size
-    _bmp(source / "train/a/x.bmp", (0, 0, 255), (40, 40) if same_size else (48, 40))
-    _touch_later(source / "train/a/x.bmp")
-    assert ((source / "train/a/x.bmp").stat().st_size == before) == same_size
+    x = source / "train/a/x.bmp"
+    before = x.stat()
+    _bmp(x, (0, 0, 255), (40, 40) if same_size else (48, 40))
+    if same_mtime:
+        os.utime(x, ns=(before.st_atime_ns, before.st_mtime_ns))
+    else:
+        _touch_later(x)
+    assert (x.stat().st_size == before.st_size) == same_size
+    assert (x.stat().st_mtime_ns == before.st_mtime_ns) == same_mtime
     v2 = run_pipeline(cfg, only="shard")["shard"]
     assert not v2.cached and v2.fingerprint != v1.fingerprint
     assert v2.manifest["base"] is None
@@ -298,6 +312,81 @@ def test_a_rejected_file_fixed_in_place_is_read_again(ray_local, tracking_uri, t
     assert v2.manifest["base"] == v1.fingerprint
     assert v2.manifest["shards"][: len(v1.manifest["shards"])] == v1.manifest["shards"]
     check_dataset(v2, 3, set())
+    red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
+    assert blue > 200 and red < 50
+
+
+def _away_while_read(file: Location, execute):
+    """The shard stage's `_execute` with `file` gone while the shards are built, after the listing saw it: moved
+    away and back locally (its modification time kept), deleted and put again with the same bytes on S3 (its
+    ETag kept)."""
+    data = file.read_bytes()
+    away = f"{file.path}.away"
+
+    def execute_while_away(*args):
+        if file.protocol == "file":
+            os.rename(file.path, away)
+        else:
+            file.remove()
+        try:
+            return execute(*args)
+        finally:
+            if file.protocol == "file":
+                os.rename(away, file.path)
+            else:
+                file.write_bytes(data)
+
+    return execute_while_away
+
+
+@pytest.mark.parametrize("backend", ["file", "s3"])
+def test_a_file_away_while_read_is_read_again(ray_local, tracking_uri, tmp_path, monkeypatch, request, backend):
+    """x.bmp is listed, then not found while its shard is built, then back (on S3 with the same version). Not
+    found says nothing of the image: the next version reads it again. w.bmp's rejection (not an image) is about
+    its content: carried while w.bmp is unchanged, not read again."""
+    if backend == "file":
+        source = Location(str(tmp_path / "corpus"))
+    else:
+        source = Location(request.getfixturevalue("s3_env").uri(f"away-{tmp_path.name}"))
+    for name in ("train/a/x.bmp", "train/a/y.bmp", "val/a/v.bmp"):
+        (source / name).write_bytes(_bmp_bytes((0, 0, 255)))
+    (source / "train/a/w.bmp").write_bytes(b"not an image")
+    cfg = make_config(tmp_path / "root", source.uri, tracking_uri)
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_stage, "_execute", _away_while_read(source / "train/a/x.bmp", shard_stage._execute))
+        v1 = run_pipeline(cfg, only="shard")["shard"]
+    reasons = {item["path"]: item["reason"] for item in v1.manifest["rejected"]}
+    assert reasons.keys() == {"train/a/w.bmp", "train/a/x.bmp"}
+    assert reasons["train/a/x.bmp"].startswith("not found: FileNotFoundError")
+
+    (source / "train/a/z.bmp").write_bytes(_bmp_bytes((0, 0, 255)))
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.manifest["base"] == v1.fingerprint
+    check_dataset(v2, 5, {"train/a/w.bmp"})
+    new_shards = [s for s in v2.manifest["shards"] if s["dataset"] == v2.fingerprint]
+    records = [(v2.location / f"{s['split']}/{s['name'][:-4]}.json").read_json() for s in new_shards]
+    assert {path for record in records for path in record["inputs"]} == {"train/a/x.bmp", "train/a/z.bmp"}
+
+
+def test_a_listed_file_not_there_yet_is_read_once_it_is(ray_local, tracking_uri, tmp_path):
+    """A listing file gives no file versions: x.bmp, listed before it was there (an upload not finished), is not
+    found; once it is there, the next version (the listing grown by z.bmp) reads it."""
+    source = tmp_path / "corpus"
+    for name in ("train/a/y.bmp", "val/a/v.bmp"):
+        _bmp(source / name, (200, 30, 30))
+    listing = tmp_path / "listing.txt"
+    listing.write_text("train/a/x.bmp\ntrain/a/y.bmp\nval/a/v.bmp\n")
+    cfg = make_config(tmp_path / "root", source, tracking_uri, listing=str(listing))
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    assert [(item["path"], item["reason"].split(":")[0]) for item in v1.manifest["rejected"]] == [
+        ("train/a/x.bmp", "not found")
+    ]
+    _bmp(source / "train/a/x.bmp", (0, 0, 255))
+    _bmp(source / "train/a/z.bmp", (200, 30, 30))
+    listing.write_text(listing.read_text() + "train/a/z.bmp\n")
+    v2 = run_pipeline(cfg, only="shard")["shard"]
+    assert v2.manifest["base"] == v1.fingerprint
+    check_dataset(v2, 4, set())
     red, _, blue = _pixel(Dataset.open(v2.location), "train", "a/x")
     assert blue > 200 and red < 50
 

@@ -4,6 +4,7 @@ import os
 import pickle
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from s3fs import S3FileSystem
 
 from pipeline.config import StorageConfig
@@ -67,6 +68,23 @@ def test_list_files_is_sorted_and_relative(root):
         (root / key).write_bytes(b"x")
     assert list(root.list_files()) == ["a/1", "b/1/x", "b/2"]
     assert (root / "missing").list_files() == {}
+
+
+def test_a_local_file_deleted_while_listed_is_left_out(tmp_path, monkeypatch):
+    """A file deleted after the walk found it, before its version was read (a corpus changing while a night lists
+    it): left out, as from a listing a moment later, not an error that fails the stage."""
+    root = Location(str(tmp_path))
+    for key in ("a/1", "a/2"):
+        (root / key).write_bytes(b"x")
+    find = LocalFileSystem.find
+
+    def find_then_delete(filesystem, *args, **kwargs):
+        found = find(filesystem, *args, **kwargs)
+        os.remove(tmp_path / "a/1")
+        return found
+
+    monkeypatch.setattr(LocalFileSystem, "find", find_then_delete)
+    assert list(root.list_file_versions()) == ["a/2"]
 
 
 def test_list_folders(root):
