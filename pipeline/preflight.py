@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 import ray
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.rest_utils import http_request_safe
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import cluster
@@ -34,7 +33,7 @@ from pipeline.config import PipelineConfig
 from pipeline.feature_nets import EFFICIENTNET_LITE0, INCEPTION, load_feature_net
 from pipeline.runner import _needed_upstream, ensure_ray, pipeline_status, stages
 from pipeline.storage import Location
-from pipeline.tracking import configured_tracking_uri, tracking_uri
+from pipeline.tracking import check_credentials, configured_tracking_uri, tracking_uri
 
 log = logging.getLogger("vq2")
 
@@ -97,8 +96,7 @@ def tracking_problem(cfg: PipelineConfig, where: str) -> str | None:
     if parsed.scheme == "http" and (credentials.username or credentials.token) and not _loopback(parsed.hostname):
         return f"MLflow credentials would cross the network in clear text to {uri}: use https://"
     try:
-        http_request_safe(credentials, "/api/2.0/mlflow/experiments/search", "POST", json={"max_results": 1},
-                          max_retries=0, timeout=cfg.mlflow.request_timeout_s)
+        check_credentials(uri, cfg.mlflow.request_timeout_s)
     except MlflowException as error:
         status = error.get_http_status_code()
         if status in (401, 403):

@@ -183,6 +183,7 @@ def run_stage(
                 body = module.run(cfg, ctx)
             wall_time_s = time.monotonic() - started
             tracking.log_metrics({"wall_time_s": wall_time_s})
+            lease.check()  # the backlog files under the output are this run's workers' only while it holds the lease
             # Before the manifest, so that what MLflow has not received yet is listed in it, and so that a run
             # MLflow could not create when the stage started, created since, is the one the manifest names.
             tracker.replay(output)

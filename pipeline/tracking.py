@@ -105,19 +105,38 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
-def _transient(error: Exception) -> bool:
-    """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), its token refused (401, 403),
-    the network or the artifact store failing. False when MLflow answered that the call itself is wrong (another
-    4xx) or the call's own code failed (a ValueError, say): retrying cannot help, and one such call must not hold
-    back every call behind it."""
+def check_credentials(uri: str, timeout_s: float) -> None:
+    """One authenticated read on the tracking server at `uri` (an experiment search, which any user may make):
+    raises MlflowException with the server's answer when it refuses or fails it."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request_safe
+
+    http_request_safe(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "POST",
+                      json={"max_results": 1}, max_retries=0, timeout=timeout_s)
+
+
+def _http_status(error: Exception) -> int | None:
     from mlflow.exceptions import MlflowException
 
-    if isinstance(error, MlflowException):
-        status = error.get_http_status_code()
+    return error.get_http_status_code() if isinstance(error, MlflowException) else None
+
+
+def _transient(error: Exception) -> bool:
+    """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), its token refused (401, 403;
+    but see Tracker._deliver), the network or the artifact store failing. False when MLflow answered that the call itself is wrong (another
+    4xx) or the call's own code failed (a ValueError, say): retrying cannot help, and one such call must not hold
+    back every call behind it."""
+    status = _http_status(error)
+    if status is not None:
         # A refused token is not a wrong call: one that expired mid-run is renewed (preflight checked it at the
         # start), and calls dropped meanwhile would be lost; kept, they are delivered or listed as undelivered.
         return not (400 <= status < 500 and status not in (401, 403, 408, 429))
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in ("boto3", "botocore", "s3fs", "urllib3")
+
+
+class CallForbidden(Exception):
+    """MLflow refused a call (401 or 403) while it took the same credentials for a plain read: the call itself
+    is not allowed to this user."""
 
 
 @dataclass
@@ -179,13 +198,13 @@ class Tracker:
                 time.sleep(min(self._retry_at, deadline) - now)  # the last try comes at the deadline, not never
             call = self._queue[0]
             try:
-                call.run()
+                self._deliver(call)
             except Exception as error:  # noqa: BLE001 - tracking never stops the data work
                 message = f"{call.what}: {type(error).__name__}: {str(error)[:300]}"
                 if not _transient(error):
                     from mlflow.exceptions import MlflowException
 
-                    if isinstance(error, MlflowException):
+                    if isinstance(error, (MlflowException, CallForbidden)):
                         log.warning("MLflow refused %s; not retried", message)
                     else:
                         log.error("tracking call %s failed; not retried", call.what, exc_info=error)
@@ -205,6 +224,32 @@ class Tracker:
                 if not self._queue:
                     log.info("MLflow reachable again: %d queued tracking calls delivered", delivered_late)
                     self._retry_at, self._backoff = 0.0, self.cfg.mlflow.retry_initial_s
+        return True
+
+    def _deliver(self, call: _Call) -> None:
+        """Run a call. A 401 or 403 is an outage (a token that expired) unless the server takes this process's
+        credentials for a plain read: then the call is tried once more, in case the token was renewed in between,
+        and refused again it is CallForbidden, which no retry changes and which, kept at the head of the queue,
+        would hold back every call behind it to the end of the run."""
+        try:
+            call.run()
+        except Exception as error:
+            if _http_status(error) not in (401, 403) or not self._credentials_accepted():
+                raise
+            try:
+                call.run()
+            except Exception as again:
+                if _http_status(again) in (401, 403):
+                    raise CallForbidden(str(again)) from again
+                raise
+
+    def _credentials_accepted(self) -> bool:
+        if not _is_server(self.uri):
+            return False
+        try:
+            check_credentials(self.uri, self.cfg.mlflow.request_timeout_s)
+        except Exception:  # noqa: BLE001 - refused or unreachable: an outage, as the call's own error said
+            return False
         return True
 
     def flush(self, timeout_s: float | None = None) -> bool:
@@ -368,6 +413,8 @@ class StageRun:
         self._submit("log batch", lambda run_id: self.tracker.client.log_batch(run_id, metrics, params, tags), record)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if self.tracker is None:  # a rank that does not track: before mlflow's import, which it need not pay
+            return
         from mlflow.entities import Metric
         from mlflow.utils.time import get_current_time_millis
 
@@ -375,6 +422,8 @@ class StageRun:
         self.log_batch(metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        if self.tracker is None:
+            return
         from mlflow.entities import RunTag
 
         self.log_batch(tags=[RunTag(key, str(value)) for key, value in tags.items()])

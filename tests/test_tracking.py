@@ -1,5 +1,6 @@
 """MLflow tracking against the default local store and a real MLflow server: outages, restarts, stops, dead runs."""
 
+import contextlib
 import json
 import signal
 import socket
@@ -76,12 +77,16 @@ def test_local_store_lives_under_the_storage_root(tmp_path, monkeypatch):
 
 def test_the_stage_modules_import_without_mlflow():
     """Every process that runs a stage's code imports the stage's module (Ray Train's controller and every rank,
-    each actor of a pool); mlflow's import, 1.5 to 3 s of CPU, is left to the processes that track."""
+    each actor of a pool); mlflow's import, 1.5 to 3 s of CPU, is left to the processes that track. A rank that
+    does not track logs its metrics and tags to a StageRun without a tracker, which must not import it either."""
     import sys
 
     modules = [module.__name__ for module in runner.stages().values()]
     done = subprocess.run([sys.executable, "-c", f"import importlib, sys\nfor name in {modules!r}:\n"
                            "    importlib.import_module(name)\n"
+                           "from pipeline.tracking import StageRun\n"
+                           "StageRun(None, None).log_metrics({'loss': 0.5}, step=10)\n"
+                           "StageRun(None, None).set_tags({'epoch': 1})\n"
                            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -239,6 +244,32 @@ def test_a_refused_token_mid_run_queues_the_calls_and_delivers_them(mlflow_serve
     check_runs(MlflowClient(mlflow_server), "exp-token", parent, stage, tmp_path)
 
 
+def test_a_call_forbidden_while_the_token_is_good_is_refused_and_holds_back_nothing(mlflow_server, tmp_path, caplog):
+    """A 403 to one call while the server takes the token for a plain read (a registered model another user owns,
+    under MLflow's basic auth): the call is refused and not retried, and every call behind it is delivered (was:
+    kept at the head of the queue as an outage, it held back every later call of the run, and each stage's flush
+    waited out its timeout)."""
+    proxy = FaultProxy(mlflow_server, kinds=("expired_token",), persistent=("/model-versions/create",)).start()
+    try:
+        cfg = make_config(tmp_path / "root", proxy.endpoint, name="forbidden", retry_max_s=0.2, flush_timeout_s=30)
+        tracker = Tracker(cfg)
+        tracker.start_pipeline("run", "x: 1\n")
+        stage = tracker.start_stage("train_vqvae", "0123456789abcdef", {}, {"a": "1"})
+        stage.queue("register vq2-forbidden", lambda run_id: tracker.client.create_model_version(
+            "vq2-forbidden", "runs:/x/model", run_id=run_id), {"call": "create_model_version"})
+        stage.log_metrics({"loss": 0.5})
+        stage.finish()
+        tracker.finish_pipeline("FINISHED")
+    finally:
+        proxy.stop()
+    assert proxy.injected["expired_token"] == 2  # asked, then once more after the token passed a plain read
+    assert len(tracker.refused) == 1 and tracker.refused[0].startswith("register vq2-forbidden: CallForbidden: ")
+    assert "MLflow refused register vq2-forbidden" in caplog.text and "unreachable" not in caplog.text
+    assert tracker.backlog() == [] and tracker.outages == []
+    run = MlflowClient(mlflow_server).get_run(stage.run_id)
+    assert run.data.metrics == {"loss": 0.5} and run.info.status == "FINISHED"
+
+
 def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_time(mlflow_server, tmp_path):
     relay = Relay(mlflow_server)
     tracker = Tracker(make_config(tmp_path / "root", relay.uri, name="down"))
@@ -255,6 +286,55 @@ def test_a_server_down_until_the_end_leaves_the_calls_listed_and_costs_bounded_t
     assert tracker.backlog()[0]["metrics"][0][:2] == ["images_per_s", 1.0] and tracker.backlog()[0]["run_id"]
     # What reached the server before the cut is there.
     assert MlflowClient(mlflow_server).get_run(stage.run_id).data.params == {"dataset.shard_size": "5"}
+
+
+def test_a_run_that_lost_its_lease_leaves_the_tracking_backlog_to_the_run_that_holds_it(tmp_path, monkeypatch):
+    """A stalled run whose lease another run took over does not replay the backlog files under the output: the
+    new holder's workers left them for its driver (was: read, deleted and delivered by the wrong process, or
+    lost with it while MLflow was down)."""
+    from pipeline.lease import LeaseLost
+    from pipeline.tracking import BACKLOG
+
+    monkeypatch.setattr(runner, "code_digest", lambda module: "c0de")
+    monkeypatch.setattr(runner, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(runner.cluster, "require", lambda demand, ray_cfg: None)
+    monkeypatch.setattr(runner, "cluster_size", lambda: 1)
+    held, stage_lease = {}, runner.stage_lease
+
+    @contextlib.contextmanager
+    def kept_stage_lease(*args, **kwargs):
+        with stage_lease(*args, **kwargs) as lease:
+            held["lease"] = lease
+            yield lease
+
+    monkeypatch.setattr(runner, "stage_lease", kept_stage_lease)
+    cfg = parse_config({"storage": {"root": str(tmp_path / "root"), "lease_ttl_s": 0.6}, "dataset": {"source": "/x"},
+                        "mlflow": {"experiment": "exp-lease", "system_metrics_s": 0}}, "lease.yaml")
+    other = [{"call": "log_batch", "run_id": "the-other-run", "metrics": [["loss", 0.25, 1700000000000, 500]],
+              "params": [], "tags": []}]
+
+    def run(cfg, ctx):
+        (ctx.output / "part.bin").write_bytes(b"x")
+        # While this run stalls, another takes its expired lease over, and that run's rank 0 spills a backlog.
+        (ctx.output / "lease.json").write_json({"owner": "other:1:x", "expires": time.time() + 600, "ttl_s": 600,
+                                               "host": "other", "pid": 1})
+        (ctx.output / BACKLOG / "other.json").write_json(other)
+        deadline = time.monotonic() + 30
+        while held["lease"].lost is None:  # the renewer's next beat sees the takeover
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        held["output"] = ctx.output
+        return {"rows": 1}
+
+    tracker = Tracker(cfg)
+    tracker.start_pipeline("run", "x: 1\n")
+    stage = types.SimpleNamespace(NAME="encode", SECTION="encode", FORMAT_VERSION=1, UPSTREAM=(), run=run,
+                                  __name__="fake_encode")
+    with pytest.raises(LeaseLost, match="taken over by other:1:x"):
+        run_stage(stage, cfg, tracker, {})
+    tracker.finish_pipeline("FAILED")
+    assert (held["output"] / BACKLOG / "other.json").read_json() == other
+    assert tracker.refused == [] and runner.read_manifest(held["output"]) is None
 
 
 def test_a_stage_whose_run_was_created_late_names_that_run_in_its_manifest(tmp_path, monkeypatch):
