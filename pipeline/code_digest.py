@@ -10,7 +10,11 @@ tests, another stage) keeps the cache. What counts:
   a shared module, such as the config schema naming the models' fields to check overrides, serves a
   check, not the stage's work);
 - only modules of the project packages (`pipeline`, `models`); `from models import x` counts the
-  submodule `models/x.py` when there is one, else the package's `__init__.py` and its imports.
+  submodule `models/x.py` when there is one, else the package's `__init__.py` and its imports;
+- not the modules that only report a stage's work (`REPORTING`: its MLflow calls, system metrics and
+  progress lines): they decide how a stage tells what it does, never what it makes, and a fix to how a
+  run reaches MLflow must not retrain every model, as a change to the config keys of the same kind
+  (actor counts, log cadence) does not (pipeline/config.py, `operational`).
 
 Sources are compared as syntax trees without docstrings, so comments, docstrings and formatting do
 not change a digest; any change to code does.
@@ -25,6 +29,7 @@ from pathlib import Path
 
 PROJECT_PACKAGES = ("pipeline", "models")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+REPORTING = frozenset({"pipeline.tracking", "pipeline.system_metrics", "pipeline.progress"})
 
 
 def _source_file(module: str) -> Path | None:
@@ -66,11 +71,11 @@ def _imports(module: str, everywhere: bool) -> set[str]:
 
 
 def modules_run_by(stage_module: str) -> list[str]:
-    """The stage module and every project module it runs, sorted."""
+    """The stage module and every project module it runs, sorted; not the REPORTING ones, nor what only they import."""
     seen, todo = {stage_module}, list(_imports(stage_module, everywhere=True))
     while todo:
         module = todo.pop()
-        if module not in seen:
+        if module not in seen and module not in REPORTING:
             seen.add(module)
             todo.extend(_imports(module, everywhere=False))
     return sorted(seen)

@@ -76,6 +76,18 @@ def test_editing_a_stage_changes_it_and_its_downstream_stages(tree_and_corpus):
     assert changed(base, fingerprints(tree, folder, corpus)) == {"sample", "evaluate"}
 
 
+def test_editing_how_stages_report_their_work_reruns_no_stage(tree_and_corpus):
+    """The MLflow calls, system metrics and progress lines decide how a stage tells what it does, not what it
+    makes: a fix there (say, to how a refused call is retried) keeps every output, models included."""
+    folder, corpus, base = tree_and_corpus
+    tree = edited_copy(folder, "reporting-edit", [
+        ("pipeline/tracking.py", "HEARTBEAT_TAG = ", "ABANDONED_NOTE = 1\nHEARTBEAT_TAG = "),
+        ("pipeline/system_metrics.py", "\nlog = ", "\nSAMPLED_NOTE = 1\nlog = "),
+        ("pipeline/progress.py", "\nlog = ", "\nLINE_NOTE = 1\nlog = "),
+    ])
+    assert changed(base, fingerprints(tree, folder, corpus)) == set()
+
+
 def test_a_stage_runs_its_own_modules_and_the_models_it_imports():
     shard = modules_run_by("pipeline.shard")
     assert "pipeline.shard" in shard and "pipeline.storage" in shard
