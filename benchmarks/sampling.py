@@ -6,6 +6,7 @@
     python benchmarks/sampling.py --threads 1      # one torch thread
     python benchmarks/sampling.py --repeat 5       # five rounds of sampler and forward pass (default 3)
     python benchmarks/sampling.py --breakdown      # also: where one run of the top prior's fast sampler spends its time
+    python benchmarks/sampling.py --without-vertical  # also: the top prior's sampler with its vertical stack skipped
 
 An exact incremental sampler does about the work of one forward pass over the whole grid, so
 the column `fast / forward` (fast sampler seconds over the seconds of one forward pass of the
@@ -139,6 +140,41 @@ def breakdown(name, prior, labels, condition, seeds) -> dict:
             **{f"{part} s": f"{seconds[part]:.2f}" for part in parts}, "the rest s": f"{rest:.2f}"}
 
 
+def without_vertical(prior, labels, seeds, repeat) -> dict:
+    """The fast sampler with every vertical stack row skipped (its codes are wrong; only its time counts),
+    alternating with the sampler as it is and a forward pass: a floor under any sampler that hides the
+    vertical stack behind the positions' chain, on another thread or anywhere else."""
+    (uniforms,) = sample_uniforms(seeds, [prior.cfg.grid[0] * prior.cfg.grid[1]])
+    times = {"fast s": [], "without vertical s": [], "forward s": []}
+    for _ in range(repeat):
+        start = time.perf_counter()
+        codes = sample_level_fast(prior, uniforms, labels)
+        times["fast s"].append(time.perf_counter() - start)
+        with skipped(CodePrior, "end_row"):
+            start = time.perf_counter()
+            sample_level_fast(prior, uniforms, labels)
+            times["without vertical s"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        prior(codes, labels)
+        times["forward s"].append(time.perf_counter() - start)
+    fastest = {name: min(seconds) for name, seconds in times.items()}
+    forward = fastest["forward s"]
+    return {"prior": "top (attention)", "batch": len(seeds), **{k: f"{v:.2f}" for k, v in fastest.items()},
+            "fast / forward": f"{fastest['fast s'] / forward:.2f}x",
+            "without vertical / forward": f"{fastest['without vertical s'] / forward:.2f}x"}
+
+
+@contextmanager
+def skipped(owner, attribute):
+    """owner.attribute does nothing while inside."""
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        setattr(owner, attribute, original)
+
+
 def measure(name, prior, labels, condition, seeds, naive_positions, repeat) -> tuple[torch.Tensor, dict]:
     H, W = prior.cfg.grid
     (uniforms,) = sample_uniforms(seeds, [H * W])
@@ -178,6 +214,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds of sampler and forward pass; the fastest counts")
     parser.add_argument("--breakdown", action="store_true", help="also time each part of one fast sampler run of the top prior")
+    parser.add_argument("--without-vertical", action="store_true",
+                        help="also time the top prior's sampler with its vertical stack skipped, against the sampler and a forward pass")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,6 +246,12 @@ def main():
             parts.append(breakdown("top (attention)", top, labels, None, list(range(batch))))
             print(parts[-1], flush=True)
         print_table(parts)
+    if args.without_vertical:
+        rows = []
+        for batch in args.batch:
+            rows.append(without_vertical(top, torch.arange(batch) % 10, list(range(batch)), args.repeat))
+            print(rows[-1], flush=True)
+        print_table(rows)
 
 
 def print_table(rows: list[dict]) -> None:
