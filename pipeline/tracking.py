@@ -123,9 +123,9 @@ def _http_status(error: Exception) -> int | None:
 
 def _transient(error: Exception) -> bool:
     """True for an error that can pass: MLflow down or overloaded (a 5xx, 408, 429), its token refused (401, 403;
-    but see Tracker._deliver), the network or the artifact store failing. False when MLflow answered that the call itself is wrong (another
-    4xx) or the call's own code failed (a ValueError, say): retrying cannot help, and one such call must not hold
-    back every call behind it."""
+    but see Tracker._deliver), the network or the artifact store failing. False when MLflow answered that the
+    call itself is wrong (another 4xx) or the call's own code failed (a ValueError, say): retrying cannot help,
+    and one such call must not hold back every call behind it."""
     status = _http_status(error)
     if status is not None:
         # A refused token is not a wrong call: one that expired mid-run is renewed (preflight checked it at the
