@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
 
 from pipeline import demo_data
-from pipeline.config import ConfigError, load_config, redact_uri
+from pipeline.config import ConfigError, MlflowConfig, load_config, redact_uri
 from pipeline.dataset import verify
 from pipeline.evaluate import headline_lines
+from pipeline.faults import StorageUnavailable
 from pipeline.listing import SourceError
 from pipeline.preflight import PreflightFailed, preflight
 from pipeline.compare import compare
@@ -169,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 problems = verify(args.uri)
             except FileNotFoundError as error:
-                print(f"vq2 verify: {error}", file=sys.stderr)
+                print(f"vq2 verify: {_redacted(str(error))}", file=sys.stderr)
+                return 2
+            except (OSError, ValueError, ImportError, StorageUnavailable) as error:
+                # Not a folder (a file), a malformed or unknown URI, a filesystem that is not installed, a storage
+                # that does not answer, a manifest that is not JSON: the reason in one line.
+                print(f"vq2 verify: {_redacted(args.uri)}: {_redacted(str(error))}", file=sys.stderr)
+                return 2
+            except KeyError as error:  # a manifest without a dataset's keys: another stage's output
+                print(f"vq2 verify: {_redacted(args.uri)}: not a dataset (its manifest has no {error})",
+                      file=sys.stderr)
                 return 2
             for problem in problems:
                 print(problem)
@@ -234,24 +246,50 @@ def _status(cfg) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> str | None:
-    """The tracking store `compare` and `promote` read: --tracking-uri, --config's, or MLFLOW_TRACKING_URI."""
+# A URI in a message, up to the next blank or quote: MLflow's and database drivers' errors repeat the store's URI.
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def _redacted(text: str) -> str:
+    """`text` with the password of every URI in it masked."""
+    return _URI_IN_TEXT.sub(lambda found: redact_uri(found.group()), text)
+
+
+def _store(args: argparse.Namespace) -> str:
+    """The tracking store `compare` and `promote` read: --tracking-uri, --config's, or MLFLOW_TRACKING_URI; a
+    ValueError saying why there is none usable."""
+    settings = MlflowConfig()
     if args.tracking_uri:
-        return args.tracking_uri
-    if args.config:
-        return tracking_uri(load_config(args.config))
-    return os.environ.get("MLFLOW_TRACKING_URI")
+        uri = args.tracking_uri
+    elif args.config:
+        cfg = load_config(args.config)
+        settings, uri = cfg.mlflow, tracking_uri(cfg)
+    else:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("give --tracking-uri, --config or MLFLOW_TRACKING_URI")
+    parsed = urlsplit(uri)
+    # Refused as the stages' preflight refuses it: MLflow repeats the URI in its errors, password and all.
+    if parsed.scheme in ("http", "https") and (parsed.username or parsed.password):
+        raise ValueError(f"the MLflow tracking URI for {parsed.hostname} carries credentials: give them in the "
+                         "environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                         "MLFLOW_TRACKING_TOKEN), not in the URI")
+    # As the stages bound them: MLflow's defaults (7 retries, growing waits) hold an unreachable server for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.request_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.request_timeout_s))
+    return uri
+
+
+# What a tracking command answers in one line, exit 2: no usable store, a store that does not answer or refuses
+# (MlflowException), a database driver that is not installed, an experiment, run or model that is not there.
+_STORE_ERRORS = (ValueError, LookupError, ImportError, MlflowException)
 
 
 def _promote(args: argparse.Namespace) -> int:
-    uri = _store(args)
-    if not uri:
-        print("vq2 promote: give --tracking-uri, --config or MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
     try:
-        promoted = promote(uri, args.experiment, args.run, args.alias)
-    except (ValueError, LookupError, MlflowException) as error:
-        print(f"vq2 promote: {getattr(error, 'message', error)}", file=sys.stderr)
+        promoted = promote(_store(args), args.experiment, args.run, args.alias)
+    except _STORE_ERRORS as error:
+        print(f"vq2 promote: {_redacted(str(getattr(error, 'message', error)))}", file=sys.stderr)
         return 2
     for name, version in promoted:
         print(f"{name} version {version} is now {name}@{args.alias} (models:/{name}@{args.alias})")
@@ -259,17 +297,15 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    uri = _store(args)
-    if not uri:
-        print("vq2 compare: give --tracking-uri, --config or MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
     try:
+        uri = _store(args)
         comparison = compare(uri, args.experiment, args.metric, args.runs)
-    except ValueError as error:
-        print(f"vq2 compare: {error}", file=sys.stderr)
+    except _STORE_ERRORS as error:
+        print(f"vq2 compare: {_redacted(str(getattr(error, 'message', error)))}", file=sys.stderr)
         return 2
     print(comparison.table)
-    local = "" if uri.startswith(("http://", "https://")) else f"  (serve the store first: mlflow ui --backend-store-uri {uri})"
+    local = ("" if uri.startswith(("http://", "https://"))
+             else f"  (serve the store first: mlflow ui --backend-store-uri {redact_uri(uri)})")
     print(f"MLflow compare view: {comparison.ui_link}{local}")
     if args.out:
         out = Path(args.out)

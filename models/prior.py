@@ -325,7 +325,7 @@ class ConditionStack(nn.Module):
             for _ in range(cfg.condition_residual_blocks)
         )
         factor = cfg.grid[0] // self.base_grid[0]
-        if factor < 1 or factor & (factor - 1) or cfg.grid[1] != self.base_grid[1] * factor:
+        if factor < 1 or factor & (factor - 1) or cfg.grid != (self.base_grid[0] * factor, self.base_grid[1] * factor):
             raise ValueError(f"grid {cfg.grid} must be a power-of-two multiple of the level above {self.base_grid}")
         self.upsample = nn.Sequential(
             *[nn.ConvTranspose2d(Cc, Cc, 4, stride=2, padding=1) for _ in range(int(math.log2(factor)))]

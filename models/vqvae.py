@@ -32,11 +32,14 @@ class VQVAEConfig:
 
     def grid_shapes(self, image_size: int) -> list[tuple[int, int]]:
         """Code grid (H, W) of every level for square images of image_size, top first."""
+        # The encoder halves the image that many times: a remainder would be cut off, and the decoder would
+        # give back a smaller image than it was given.
+        top_downsample = self.bottom_downsample * 2 ** (self.levels - 1)
+        if image_size % top_downsample or image_size < top_downsample:
+            raise ValueError(f"image size {image_size} does not divide into {self.levels} levels: "
+                             f"it must be a multiple of {top_downsample}")
         bottom = image_size // self.bottom_downsample
-        sides = [bottom // 2**level for level in range(self.levels)]
-        if bottom % 2 ** (self.levels - 1) or sides[-1] < 1:
-            raise ValueError(f"image size {image_size} does not divide into {self.levels} levels")
-        return [(s, s) for s in reversed(sides)]
+        return [(bottom // 2**level,) * 2 for level in reversed(range(self.levels))]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -38,7 +38,9 @@ class CodesLayout:
 
     grids: tuple[tuple[int, int], ...]  # top first
     codebook_sizes: tuple[int, ...]
-    vqvae_model: str  # URI of the model file
+    # No part of equality: a table's identity is its grids, codebooks and VQ-VAE fingerprint. One storage root
+    # reached by two paths (a symlink, another mount point, file:// or not) names one model two ways.
+    vqvae_model: str = field(compare=False)  # URI of the model file
     vqvae_fingerprint: str
 
     def __post_init__(self):
@@ -68,12 +70,12 @@ class CodesLayout:
         except (TypeError, ValueError) as error:
             raise CodesSchemaError(f"{origin}: unreadable {METADATA_KEY.decode()} metadata: {error}") from None
         expected = layout.schema(extra)
-        for field in expected:
-            if field.name not in schema.names:
-                raise CodesSchemaError(f"{origin}: missing column {field.name!r} (expected {field.type})")
-            found = schema.field(field.name).type
-            if found != field.type:
-                raise CodesSchemaError(f"{origin}: column {field.name!r} is {found}, expected {field.type}")
+        for column in expected:
+            if column.name not in schema.names:
+                raise CodesSchemaError(f"{origin}: missing column {column.name!r} (expected {column.type})")
+            found = schema.field(column.name).type
+            if found != column.type:
+                raise CodesSchemaError(f"{origin}: column {column.name!r} is {found}, expected {column.type}")
         extra = sorted(set(schema.names) - set(expected.names))
         if extra:
             raise CodesSchemaError(f"{origin}: unexpected column(s) {', '.join(extra)}; expected {expected.names}")
@@ -152,6 +154,7 @@ def rank_batches(pieces: Sequence[CodePiece], layout: CodesLayout, batch_size: i
     """
     if len(pieces) < world:
         raise ValueError(f"{len(pieces)} pieces of code rows cannot give each of {world} ranks one")
+    seed = [part % 2**64 for part in seed]  # numpy takes no negative seed; a configured one may be
     shuffle = np.random.default_rng([*seed, rank])
     held: list[pa.Table] = []
     count, passes = 0, 0

@@ -53,6 +53,8 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
     A cached stage's metrics come from the run that produced its output, so every invocation
     shows the numbers it actually used. A stage run that did not finish adds its params but not its
     metrics: what a failed or killed stage logged is partial (a sweep cut short, a loss mid-training).
+    Nor does a run tagged `role: training_input` (under `policy.on_new_data: encode`, the stage run again
+    on the pinned first dataset version for the training stages): the stage's metrics are the newest data's.
     """
     found = client.get_experiment_by_name(experiment)
     if found is None:
@@ -70,7 +72,7 @@ def pipeline_runs(client: MlflowClient, experiment: str, limit: int = 20) -> lis
         for stage in sorted(stages, key=lambda s: s.info.start_time):
             run.params |= stage.data.params  # flattened config keys, section first
             run.stage_runs.append(stage.info.run_id)
-            if stage.info.status != "FINISHED":
+            if stage.info.status != "FINISHED" or stage.data.tags.get("role") == "training_input":
                 continue
             producer = stage.data.tags.get("produced_by_run")
             run.metrics |= client.get_run(producer).data.metrics if producer else stage.data.metrics

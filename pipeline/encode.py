@@ -14,7 +14,9 @@ Output layout (under the stage's content-addressed prefix `<root>/encode/<finger
 
 A grown dataset (append-only, see the shard stage) is encoded incrementally: the code tables of the
 shards it shares with an earlier version, encoded by this VQ-VAE with this config, are copied from
-that version's encode output; only the new shards are encoded.
+that version's encode output; only the new shards are encoded. A table copied or left by a crashed run
+is kept only if it holds this VQ-VAE's codes (its CodesLayout: fingerprint, grids and codebooks, not the
+model URI, which differs when the root is reached by another path); any other is encoded again.
 
 Later stages find a split's files with `code_files(result_or_location, split)` (validated footers),
 read them whole with `read_split`, or stream them with `ray_dataset` (Ray Data `read_parquet`).
@@ -173,13 +175,23 @@ def _plan(dataset: Dataset, output: Location) -> list[dict]:
     return tasks
 
 
-def _completed(task: dict, output: Location) -> dict | None:
-    """The stats of a shard finished by an earlier (crashed) run: its Parquet file and stats both exist."""
+def _same_codes(file: Location, layout: CodesLayout) -> bool:
+    """Whether a code table written before this run holds this stage's codes. One that does not is encoded
+    again: kept, it would fail _verify on this run and every rerun, which would resume it again."""
+    try:
+        found, _ = codes_file_info(file)
+    except CodesSchemaError:
+        return False
+    return found == layout
+
+
+def _completed(task: dict, output: Location, layout: CodesLayout) -> dict | None:
+    """The stats of a shard finished by an earlier (crashed) run: its Parquet file, of this layout, and stats."""
     stats_file = output.at(task["stats"])
     if not (stats_file.exists() and (output / task["file"]).exists()):
         return None
     stats = stats_file.read_json()
-    return stats if stats.get("rows") == task["samples"] else None
+    return stats if stats.get("rows") == task["samples"] and _same_codes(output / task["file"], layout) else None
 
 
 def _earlier_outputs(ctx, dataset: Dataset) -> list[tuple[Location, Dataset]]:
@@ -197,9 +209,11 @@ def _earlier_outputs(ctx, dataset: Dataset) -> list[tuple[Location, Dataset]]:
     return found
 
 
-def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], output: Location) -> dict[str, dict]:
+def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], output: Location,
+           layout: CodesLayout) -> dict[str, dict]:
     """Copy the code table and stats of every shard in `todo` that an earlier output encoded from the very
-    same tar (location and checksum); returns their stats by file. Copies are atomic writes, table first."""
+    same tar (location and checksum) into the same codes; returns their stats by file. Copies are atomic
+    writes, table first."""
     reused = {}
     for earlier, dataset in earlier_outputs:
         before = len(reused)
@@ -209,7 +223,7 @@ def _reuse(todo: list[dict], earlier_outputs: list[tuple[Location, Dataset]], ou
                 continue
             stats_file = f"{STATS}/{task['file'].replace('.parquet', '.json')}"
             stats = (earlier / stats_file).read_json()
-            if stats.get("rows") != task["samples"]:
+            if stats.get("rows") != task["samples"] or not _same_codes(earlier / task["file"], layout):
                 continue
             (output / task["file"]).write_bytes((earlier / task["file"]).read_bytes())
             (output / stats_file).write_json(stats)
@@ -303,13 +317,13 @@ def run(cfg: PipelineConfig, ctx) -> dict:
 
     done = {}
     for task in tasks:
-        stats = _completed(task, ctx.output)
+        stats = _completed(task, ctx.output, layout)
         if stats is not None:
             done[task["file"]] = stats
     todo = [task for task in tasks if task["file"] not in done]
     if done:
         log.info("encode: %d of %d shards already encoded (resuming)", len(done), len(tasks))
-    reused = _reuse(todo, _earlier_outputs(ctx, dataset), ctx.output) if todo else {}
+    reused = _reuse(todo, _earlier_outputs(ctx, dataset), ctx.output, layout) if todo else {}
     todo = [task for task in todo if task["file"] not in reused]
     started = time.perf_counter()
     results = _execute(todo, cfg, layout, ctx.root)

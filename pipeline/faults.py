@@ -29,14 +29,22 @@ class StorageUnavailable(RuntimeError):
 # create): asking again cannot change them, so they are never retried.
 DEFINITE = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
+# Errors of the program or of its configuration (a malformed URI or one of an unknown protocol, a filesystem
+# that is not installed, a wrong argument): asking again gives the same answer, so they are raised at once, not
+# retried for half a minute and reported as transient. No storage client the pipeline uses raises one for a
+# passing fault: s3fs, botocore and aiohttp raise OSErrors (PermissionError too: an expired token reads like a bad
+# signature, so it is retried) or their own classes, which derive from none of these but for malformed input
+# (aiohttp's InvalidURL, botocore's InvalidRegionError, urllib3's LocationValueError are ValueErrors).
+PERMANENT = (ValueError, TypeError, KeyError, ImportError, NotImplementedError)
+
 
 def is_transient(error: BaseException) -> bool:
     """The one classification of errors. False for a bad input (a BadInput: not an image, over the pixel
     limit, truncated or corrupt, too large) or a definite answer of the storage (not found): the shard
-    stage records it as a rejection. True for everything else (S3 SlowDown, a 5xx, an expired token, a
-    reset connection, a timeout, any other I/O error): retried, and if it persists, the task and its stage
-    fail."""
-    return not isinstance(error, (BadInput, *DEFINITE))
+    stage records it as a rejection; and False for an error of the program or its configuration (PERMANENT):
+    raised at once. True for everything else (S3 SlowDown, a 5xx, an expired token, a reset connection, a
+    timeout, any other I/O error): retried, and if it persists, the task and its stage fail."""
+    return not isinstance(error, (BadInput, *DEFINITE, *PERMANENT))
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ Before a stage writes, its run takes the lease `<output>/lease.json` ({owner, ex
 other run waits until the output's manifest appears (then the stage is cached for it) or the holder is
 gone: its lease expired (not renewed: the process or its machine died), or it ran on this machine and its
 process no longer exists. Then the waiter takes the lease over and resumes the partial output. The holder
-renews the lease from a background thread every third of its time to live. Expiry compares wall clocks
-of different machines: keep `storage.lease_ttl_s` well above their skew.
+renews the lease from a background thread every third of its time to live; a renewal replaces only the
+holder's own lease, never creates one: a lease found gone or another run's, or left to expire while
+renewals failed, is lost. Expiry compares wall clocks of different machines: keep `storage.lease_ttl_s`
+well above their skew.
 
 Atomicity comes from what the storage really supports:
 - S3: a conditional PUT. `If-None-Match: *` creates the lease only if there is none, `If-Match: <ETag>`
@@ -110,10 +112,13 @@ class _LocalBackend:
     def _write(self, record: dict) -> None:
         self.location.write_json(record)  # synced to disk, then moved into place: whole or absent after a crash
 
-    def take(self, record: dict, may_replace: Callable[[dict], bool]) -> dict | None:
-        """Write `record` if there is no lease or `may_replace(current)`; else return the current lease."""
+    def take(self, record: dict, may_replace: Callable[[dict], bool], create: bool = True) -> dict | None:
+        """Write `record` if there is no lease (FileNotFoundError unless `create`) or `may_replace(current)`;
+        else return the current lease."""
         with self._locked():
             current = self._read()
+            if current is None and not create:
+                raise FileNotFoundError(f"{self.location}: no lease to renew")
             if current is not None and not may_replace(current):
                 return current
             self._write(record)
@@ -164,11 +169,13 @@ class _S3Backend:
 
         self._retrying("write", put)
 
-    def take(self, record: dict, may_replace: Callable[[dict], bool]) -> dict | None:
+    def take(self, record: dict, may_replace: Callable[[dict], bool], create: bool = True) -> dict | None:
         data = json.dumps(record).encode()
         current = self._read()
         try:
             if current is None:
+                if not create:
+                    raise FileNotFoundError(f"{self.location}: no lease to renew")
                 self._put(data, mode="create")
                 return None
             lease, etag = current
@@ -217,6 +224,7 @@ class Lease:
         self._backend = _backend(self.location)
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._expires = 0.0  # of the last record this run wrote
         self.lost: str | None = None  # why the lease was lost, if it was
 
     def _record(self) -> dict:
@@ -226,7 +234,10 @@ class Lease:
     def try_acquire(self) -> dict | None:
         """Take the lease if it is free, ours, expired, or held by a process of this machine that is gone;
         else return the holder's lease."""
-        holder = self._backend.take(self._record(), lambda current: current["owner"] == self.owner or holder_gone(current))
+        record = self._record()
+        holder = self._backend.take(record, lambda current: current["owner"] == self.owner or holder_gone(current))
+        if holder is None:
+            self._expires = record["expires"]
         if holder is None and self._renewer is None:
             self._renewer = threading.Thread(target=self._renew, name=f"lease {self.location}", daemon=True)
             self._renewer.start()
@@ -234,20 +245,31 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
+            record = self._record()
             try:
-                holder = self._backend.take(self._record(), lambda current: current["owner"] == self.owner)
+                # Never created: a renewal that stalled past the expiry may find the lease taken over and
+                # released by a run that finished the stage; writing it again would hand this run that output.
+                holder = self._backend.take(record, lambda current: current["owner"] == self.owner, create=False)
+            except FileNotFoundError:  # only a run that took the lease over removes it
+                holder = {"owner": "another run, which has released it since"}
             except Exception as error:  # noqa: BLE001 - a failed renewal is retried at the next beat
                 log.warning("lease %s: renewal failed (%s: %s); retrying", self.location, type(error).__name__, error)
                 continue
-            if holder is not None:
+            if holder is None:
+                self._expires = record["expires"]
+            else:
                 self.lost = f"taken over by {holder['owner']}"
                 log.error("lease %s: %s; this run will not write the manifest", self.location, self.lost)
                 return
 
     def check(self) -> None:
-        """Raise LeaseLost if another run took the lease over while this one worked."""
+        """Raise LeaseLost if another run took the lease over while this one worked, or may have: the lease
+        expired while its renewals failed (on S3 one renewal may retry for longer than the time to live)."""
         if self.lost:
             raise LeaseLost(f"{self.location}: lease {self.lost} (not renewed within {self.ttl_s:g} s)")
+        if time.time() > self._expires:
+            raise LeaseLost(f"{self.location}: lease expired {time.time() - self._expires:.0f} s ago while its "
+                            f"renewals failed; another run may have taken it over")
 
     def release(self) -> None:
         self._stop.set()

@@ -140,9 +140,11 @@ def _fingerprints(upstream: dict[str, StageResult]) -> dict[str, str]:
 
 
 def run_stage(
-    module: ModuleType, cfg: PipelineConfig, tracker: Tracker, upstream: dict[str, StageResult]
+    module: ModuleType, cfg: PipelineConfig, tracker: Tracker, upstream: dict[str, StageResult],
+    tags: dict[str, str] | None = None,
 ) -> StageResult:
     """Run one stage unless its output for this fingerprint is complete; a partial output is resumed.
+    `tags` go on its MLflow run (e.g. `role` of a run that is not the invocation's own stage).
 
     The run holds the output's lease while it works (pipeline/lease.py): a second run of the same
     config waits for this one's manifest instead of writing the same files.
@@ -152,6 +154,8 @@ def run_stage(
     section = getattr(cfg, module.SECTION)
     tracking = tracker.start_stage(module.NAME, address.fingerprint, address.inputs,
                                    flatten(section, f"{module.SECTION}."))
+    if tags:
+        tracking.set_tags(tags)
     reads = {name: upstream[name] for name in upstream_of(module, cfg)}
     tracking.log_inputs(lineage.stage_inputs(module.NAME, reads, address.inputs, cfg.dataset.source,
                                              getattr(module, "TRAINS", False)))
@@ -221,11 +225,11 @@ class StageFailed(RuntimeError):
 
 
 def _stage(module: ModuleType, cfg: PipelineConfig, tracker: Tracker, upstream: dict[str, StageResult],
-           execute: bool) -> StageResult:
+           execute: bool, tags: dict[str, str] | None = None) -> StageResult:
     if not execute:
         return _require_complete(module, cfg, upstream)
     try:
-        return run_stage(module, cfg, tracker, upstream)
+        return run_stage(module, cfg, tracker, upstream, tags)
     except Exception as error:
         raise StageFailed(module.NAME, [name for name in upstream], error) from error
 
@@ -274,7 +278,9 @@ def run_pipeline(cfg: PipelineConfig, only: str | None = None, command: str = "r
                 if trains:
                     pinned[name] = results[name]
                 elif any(name in m.UPSTREAM for m in later_training):
-                    pinned[name] = _stage(module, cfg, tracker, pinned, execute)
+                    # A second run of this stage under the same parent, on the pinned dataset: tagged so that
+                    # `vq2 compare` shows the newest dataset's run as this invocation's stage, not this one.
+                    pinned[name] = _stage(module, cfg, tracker, pinned, execute, {"role": "training_input"})
             if name == "shard" and (first := pinned_dataset(cfg, results["shard"])) is not None:
                 log.info("policy.on_new_data=encode: training stages keep dataset %s", first.fingerprint)
                 pinned = {"shard": first}

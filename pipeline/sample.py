@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import time
 
@@ -28,6 +29,8 @@ from pipeline.figures import image_grid, png_bytes
 from pipeline.progress import Progress
 from pipeline.shard_reader import to_uint8
 from pipeline.storage import Location
+
+log = logging.getLogger("vq2")
 
 NAME = "sample"
 SECTION = "sample"
@@ -287,6 +290,30 @@ def _stage_model(ctx, stage: str, level: str | None = None) -> Location:
     return result.location / (result.manifest["levels"][level]["model"] if level else result.manifest["model"])
 
 
+def check_codes_vqvae(learned_from: dict[str, str | None], vqvae: str, fingerprint: str) -> None:
+    """Refuse priors that learned the codes of another VQ-VAE than `vqvae` (train_vqvae `fingerprint`), which
+    decodes the samples: another training of the same preset makes codes of the same grids and codebook size,
+    but its code k is another picture, so its samples would be noise that no shape check catches.
+    `learned_from`: each prior (named) and the fingerprint of the VQ-VAE whose codes it learned; None for a
+    prior file written before train_prior recorded it, whose pairing is left to the shape check, with a warning."""
+    others: dict[str, list[str]] = {}
+    for prior, learned in learned_from.items():
+        if learned is not None and learned != fingerprint:
+            others.setdefault(learned, []).append(prior)
+    if others:
+        found = "; ".join(f"{' and '.join(priors)} learned the codes of the VQ-VAE of fingerprint {learned}"
+                          for learned, priors in others.items())
+        raise ValueError(f"{found}; the samples would be decoded by {vqvae}, fingerprint {fingerprint}, whose codes "
+                         "mean other pictures: set sample.vqvae to the VQ-VAE the priors were trained on (the "
+                         "vq2-vqvae version tagged with that fingerprint, or unset for this pipeline's train_vqvae), "
+                         "or take priors trained on this VQ-VAE's codes")
+    unknown = [prior for prior, learned in learned_from.items() if learned is None]
+    if unknown:
+        log.warning("sample: %s do not record which VQ-VAE's codes they learned (written before train_prior kept "
+                    "it), so only their grids and codebook sizes are checked against %s; if another training made "
+                    "them, the samples are noise", " and ".join(unknown), vqvae)
+
+
 def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[str], torch.nn.Module]:
     """(model files, code layout, classes, VQ-VAE) of this run: each model from its training stage or, where
     the config names one, from the Model Registry (copied under the output once its digest checks out);
@@ -300,7 +327,12 @@ def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[s
     files = {role: registry.fetch(cfg, version, ctx.output / MODELS / f"{role}.pt") for role, version in registered.items()}
     vqvae_file = files.get("vqvae") or _stage_model(ctx, "train_vqvae")
     vqvae, vqvae_extra = load_model(vqvae_file, "vqvae")
-    vqvae_fingerprint = registered["vqvae"].fingerprint if "vqvae" in registered else ctx.upstream["train_vqvae"].fingerprint
+    if "vqvae" in registered:
+        vqvae_fingerprint = registered["vqvae"].fingerprint
+        vqvae_name = f"{registered['vqvae'].uri} (version {registered['vqvae'].version})"
+    else:
+        vqvae_fingerprint = ctx.upstream["train_vqvae"].fingerprint
+        vqvae_name = f"the train_vqvae stage's {vqvae_file.uri}"
     prior_classes = None
     if cfg.sample.priors:
         names = level_names(len(cfg.sample.priors))
@@ -308,14 +340,19 @@ def sampling_models(cfg: PipelineConfig, ctx) -> tuple[dict, CodesLayout, list[s
         loaded = [load_model(file, "prior") for file in priors]
         prior_configs = [model.cfg for model, _ in loaded]
         prior_classes = {name: (model.cfg.num_classes, extra.get("classes")) for name, (model, extra) in zip(names, loaded)}
+        learned_from = {f"{registered[f'prior.{name}'].uri} (version {registered[f'prior.{name}'].version})":
+                        extra.get("vqvae_fingerprint") for name, (_, extra) in zip(names, loaded)}
         layout = CodesLayout([c.grid for c in prior_configs], [c.codebook_size for c in prior_configs],
                              vqvae_file.uri, vqvae_fingerprint)
     else:
         layout = CodesLayout(**ctx.upstream["train_prior"].manifest["layout"])
         # By level name: manifests are written with sorted keys, so their order is not the levels'.
         priors = [_stage_model(ctx, "train_prior", name) for name in layout.levels]
+        learned_from = {f"the train_prior stage's priors in {ctx.upstream['train_prior'].location.uri} (trained on "
+                        f"codes of {layout.vqvae_model})": layout.vqvae_fingerprint}
         layout = dataclasses.replace(layout, vqvae_model=vqvae_file.uri, vqvae_fingerprint=vqvae_fingerprint)
     if registered:
+        check_codes_vqvae(learned_from, vqvae_name, vqvae_fingerprint)
         grids = [tuple(g) for g in vqvae.cfg.grid_shapes(vqvae_extra["image_size"])]
         if grids != list(layout.grids) or set(layout.codebook_sizes) != {vqvae.cfg.codebook_size}:
             raise ValueError(f"the priors model codes of grids {list(layout.grids)} and codebooks "

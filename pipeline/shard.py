@@ -15,7 +15,7 @@ import ray
 import webdataset as wds
 
 from pipeline.config import PipelineConfig
-from pipeline.faults import BadInput, is_transient
+from pipeline.faults import DEFINITE, BadInput
 from pipeline.images import ImageSettings, process_image
 from pipeline.listing import Entry, Listing, SourceError, scan
 from pipeline.progress import Progress
@@ -78,10 +78,8 @@ def build_shard(task: ShardTask, settings: ImageSettings) -> tuple[bytes, dict]:
             try:
                 data = (task.source / path).read_bytes(limit=settings.max_file_bytes)
                 jpeg = process_image(data, settings)
-            except Exception as error:  # noqa: BLE001 - is_transient decides; a transient error is raised
-                if is_transient(error):
-                    raise
-                rejected.append(_rejection(path, error))
+            except (BadInput, *DEFINITE) as error:  # what the file holds, or that it is not there; anything
+                rejected.append(_rejection(path, error))  # else (the storage down, a bug) fails the task
                 continue
             writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
             keys.append(key)

@@ -18,22 +18,30 @@ MAX_PIXELS = 4096 * 4096  # stored samples were bounded when sharded; this bound
 
 @dataclass
 class ShardOrder(IterableDataset):
-    """The shards of one reader as webdataset url dicts: once in order, or forever, reshuffled each pass."""
+    """The shards of one reader as webdataset url dicts: once in order, or forever, dealt anew each pass.
+
+    With repeat, every pass shuffles all the shards in an order seeded by `seed` and the pass (the same
+    order on every rank) and this reader takes every `world`-th one from its `rank`. Dealt once, a rank
+    holding a small shard (the last of a split, or one a growth added) would replay it at the rate the
+    others go through large ones; dealt anew, each image is drawn equally often on the whole.
+    """
 
     shards: list[Location]
     seed: int = 0
     repeat: bool = False
+    rank: int = 0
+    world: int = 1
 
     def __iter__(self):
+        if not self.repeat:
+            yield from ({"url": shard} for shard in self.shards)
+            return
         passes = 0
         while True:
             order = list(self.shards)
-            if self.repeat:
-                random.Random(self.seed * 1_000_003 + passes).shuffle(order)
-            yield from ({"url": shard} for shard in order)
+            random.Random(f"deal {self.seed} {passes}").shuffle(order)
+            yield from ({"url": shard} for shard in order[self.rank :: self.world])
             passes += 1
-            if not self.repeat:
-                return
 
 
 def _open_shards(src):
@@ -54,7 +62,7 @@ def _to_tensors(sample: dict) -> tuple[str, torch.Tensor, int]:
     return key, image, int(sample["cls"])
 
 
-def _flip(seed: int):
+def _flip(seed: str):
     rng = random.Random(seed)
 
     def flip(sample):
@@ -68,15 +76,17 @@ def _flip(seed: int):
 TAR_SAMPLES = (_open_shards, wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys)
 
 
-def sample_pipeline(shards: list[Location], *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
-                    augment: bool = False) -> wds.DataPipeline:
-    """(key, image uint8 (3, H, W), label) samples; shards are split over DataLoader workers."""
-    stages = [ShardOrder(shards, seed, repeat), wds.split_by_worker, *TAR_SAMPLES]
+def sample_pipeline(shards: list[Location], *, repeat: bool, seed: int = 0, rank: int = 0, world: int = 1,
+                    shuffle_buffer: int = 0, augment: bool = False) -> wds.DataPipeline:
+    """(key, image uint8 (3, H, W), label) samples; shards are dealt to ranks (ShardOrder) and split over
+    DataLoader workers. The shuffle and the flips are seeded by the seed and the rank."""
+    stages = [ShardOrder(shards, seed, repeat, rank, world), wds.split_by_worker, *TAR_SAMPLES]
     if shuffle_buffer:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)))
+        rng = random.Random(f"shuffle {seed} {rank}")
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=rng))
     stages.append(wds.map(_to_tensors))
     if augment:
-        stages.append(wds.map(_flip(seed)))
+        stages.append(wds.map(_flip(f"flip {seed} {rank}")))
     return wds.DataPipeline(*stages)
 
 
@@ -95,16 +105,18 @@ def _collate(batch):
     return list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
-def batch_loader(shards: list[Location], batch_size: int, *, repeat: bool, seed: int = 0, shuffle_buffer: int = 0,
-                 augment: bool = False, workers: int = 0) -> DataLoader:
+def batch_loader(shards: list[Location], batch_size: int, *, repeat: bool, seed: int = 0, rank: int = 0,
+                 world: int = 1, shuffle_buffer: int = 0, augment: bool = False, workers: int = 0) -> DataLoader:
     """Batches (keys, images uint8 (B, 3, H, W), labels (B,)), decoded in `workers` loader processes.
 
     With repeat=True the stream never ends, so every DDP rank can take the same number of steps
-    whatever its share of the shards. Loader processes are capped at the shard count: a
+    whatever its share of the shards; each pass deals all of `shards` to the `world` ranks again
+    (`seed` must be the same on every rank). Loader processes are capped at the shard count: a
     process without a shard would have nothing to read.
     """
     workers = min(workers, len(shards))
-    pipeline = sample_pipeline(shards, repeat=repeat, seed=seed, shuffle_buffer=shuffle_buffer, augment=augment)
+    pipeline = sample_pipeline(shards, repeat=repeat, seed=seed, rank=rank, world=world,
+                               shuffle_buffer=shuffle_buffer, augment=augment)
     return DataLoader(
         pipeline, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,

@@ -10,6 +10,7 @@ in-memory tensors in one process: CAS trains it on samples and tests it on real 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 
@@ -25,7 +26,8 @@ from pipeline.config import PipelineConfig, TrainClassifierConfig
 from pipeline.dataset import Dataset
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.metrics import accuracy_scores
-from pipeline.shard_reader import batch_loader, to_model_range
+from pipeline.shard_reader import batch_loader, read_tar, to_model_range
+from pipeline.storage import Location
 
 # Ray Train streams worker logs to the driver's console once (a print is teed and shows twice).
 log = logging.getLogger(__name__)
@@ -57,25 +59,47 @@ def _sync_buffers_from_rank0(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
+def val_pieces(shards: list[tuple[Location, int]], limit: int | None) -> list[tuple[Location, int | None]]:
+    """The first `limit` images of the val split (all of it for None) as (shard, count) pieces, count None for
+    a whole shard. The ranks deal the pieces out, so which images are scored does not depend on the worker
+    count, and a split of fewer shards than workers is still scored up to `limit`."""
+    pieces, left = [], math.inf if limit is None else limit
+    for shard, samples in shards:
+        if left <= 0:
+            break
+        pieces.append((shard, None if samples <= left else int(left)))
+        left -= samples
+    return pieces
+
+
+def _val_batches(pieces: list[tuple[Location, int | None]], workers: int):
+    """(images, labels) batches of a rank's val pieces: whole shards through the loader's processes, a shard cut
+    by the limit read here up to its count."""
+    whole = [shard for shard, count in pieces if count is None]
+    if whole:
+        for _, images, labels in batch_loader(whole, VAL_BATCH, repeat=False, workers=workers):
+            yield images, labels
+    for shard, count in pieces:
+        if count is not None:
+            samples = itertools.islice(read_tar(shard), count)
+            while batch := list(itertools.islice(samples, VAL_BATCH)):
+                yield torch.stack([image for _, image, _ in batch]), torch.tensor([label for _, _, label in batch])
+
+
 @torch.no_grad()
-def _validate(model: ResNetClassifier, shards, limit: int | None, dev, workers: int) -> dict[str, float]:
-    """Every rank scores its own val shards (up to `limit` images); the sums are all-reduced."""
+def _validate(model: ResNetClassifier, pieces: list[tuple[Location, int | None]], dev, workers: int) -> dict[str, float]:
+    """Every rank scores its own val pieces; the sums are all-reduced."""
     model.eval()
     _sync_buffers_from_rank0(model)
     loss_sum = top1 = top5 = seen = 0.0
-    if limit is None or limit > 0:
-        for _, images, labels in batch_loader(shards, VAL_BATCH, repeat=False, workers=workers):
-            if limit is not None:
-                images, labels = images[: limit - int(seen)], labels[: limit - int(seen)]
-            logits = model(to_model_range(images.to(dev))).float().cpu()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            k5 = min(5, logits.shape[1])
-            hits = logits.topk(k5, dim=1).indices == labels.unsqueeze(1)
-            top1 += hits[:, 0].sum().item()
-            top5 += hits.any(dim=1).sum().item()
-            seen += len(labels)
-            if limit is not None and seen >= limit:
-                break
+    for images, labels in _val_batches(pieces, workers):
+        logits = model(to_model_range(images.to(dev))).float().cpu()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        k5 = min(5, logits.shape[1])
+        hits = logits.topk(k5, dim=1).indices == labels.unsqueeze(1)
+        top1 += hits[:, 0].sum().item()
+        top5 += hits.any(dim=1).sum().item()
+        seen += len(labels)
     loss_sum, top1, top5, seen = _all_reduce_sum([loss_sum, top1, top5, seen], dev)
     if seen == 0:
         raise ValueError("train_classifier: the val split yielded no images")
@@ -98,15 +122,14 @@ def train_loop(config: dict) -> None:
     training.seed_rank_stream((section.seed,), rank, step)
     ddp_model = ray.train.torch.prepare_model(model)
 
-    # Each rank streams its own train shards (round-robin), repeating, so all ranks take the same number of
-    # steps; the shuffle order depends on the rank, the seed and the step resumed from.
+    # Each rank streams its share of the train shards, dealt anew every pass, repeating, so all ranks take the
+    # same number of steps; the deal depends on the seed and the step resumed from, the shuffle also on the rank.
     loader = batch_loader(
-        config["train_shards"][rank::world], section.batch_size, repeat=True,
-        seed=section.seed * 7919 + rank * 104_729 + step, shuffle_buffer=section.shuffle_buffer,
-        augment=section.augment, workers=section.loader_workers,
+        config["train_shards"], section.batch_size, repeat=True, seed=training.data_seed(section.seed, step),
+        rank=rank, world=world, shuffle_buffer=section.shuffle_buffer, augment=section.augment,
+        workers=section.loader_workers,
     )
-    val_shards = config["val_shards"][rank::world]
-    val_limit = None if section.val_samples is None else math.ceil(section.val_samples / world)
+    val_share = config["val_pieces"][rank::world]
     tracking = training.worker_tracking(config)
     throughput = training.Throughput(world)
     fault = config["fault"]
@@ -147,7 +170,7 @@ def train_loop(config: dict) -> None:
                 log.info("train_classifier step %d/%d loss %.4f accuracy %.3f %s images/s", step, section.steps,
                          metrics["train_loss"], metrics["train_accuracy"], training.rate_text(metrics["images_per_s"]))
         if step % section.validate_every == 0 or step == section.steps:
-            val_metrics = _validate(model, val_shards, val_limit, dev, section.loader_workers)
+            val_metrics = _validate(model, val_share, dev, section.loader_workers)
             tracking.log_metrics(val_metrics, step)
             if rank == 0:
                 log.info("train_classifier step %d val top-1 %.3f top-5 %.3f", step, val_metrics["val_top1"],
@@ -162,9 +185,10 @@ def train_loop(config: dict) -> None:
 def run(cfg: PipelineConfig, ctx) -> dict:
     section = cfg.train_classifier
     dataset = Dataset.open(ctx.upstream["shard"].location)
-    train_shards, val_shards = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
+    train_shards, _ = training.image_shards(dataset, section, NAME, cfg.dataset.image_size)
     model_config = classifier_config(section, len(dataset.classes))
-    loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards, "val_shards": val_shards,
+    loop_config = {"cfg": cfg, "model_config": model_config, "train_shards": train_shards,
+                   "val_pieces": val_pieces(dataset.shard_sizes("val"), section.val_samples),
                    "run_id": ctx.tracking.run_id, "output": ctx.output, "fault": fault_spec()}
     result = training.fit(train_loop, loop_config, section, ctx.output)
     state = training.read_checkpoint_state(result.checkpoint)

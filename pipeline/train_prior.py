@@ -163,8 +163,9 @@ def _train_level(config: dict, level: int, name: str, prior_config: PriorConfig,
         # A group restarted after the last report but before this file was written resumes at the last step.
         val_metrics = val_metrics or _validate(model, level, name, config, evaluation, tracking, step, dev)
         metrics = {"step": step, "resumed_from": resumed_from, **val_metrics}
+        # The VQ-VAE whose codes it learned: sampling with a registered prior refuses to decode with another.
         save_model(level_model_file(config["output"], name), "prior", model, level=name, step=step, metrics=metrics,
-                   classes=config["classes"])
+                   classes=config["classes"], vqvae_fingerprint=config["layout"].vqvae_fingerprint)
 
 
 def _head(files: list[Location], rows: int) -> pa.Table:

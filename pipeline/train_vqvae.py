@@ -51,13 +51,12 @@ def train_loop(config: dict) -> None:
     # every forward (it still syncs them once at start, which a resume relies on).
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
 
-    # Each rank streams its own shards (round-robin); the stream repeats, so all ranks take the same
-    # number of steps whatever their share. The shuffle order depends on the rank, the seed and the
-    # step resumed from.
-    shards = config["train_shards"][rank::world]
+    # Each rank streams its share of the shards, dealt anew every pass; the stream repeats, so all ranks
+    # take the same number of steps whatever their share. The deal depends on the seed and the step
+    # resumed from, the shuffle and the flips also on the rank.
     loader = batch_loader(
-        shards, section.batch_size, repeat=True, seed=section.seed * 7919 + rank * 104_729 + step,
-        shuffle_buffer=section.shuffle_buffer, augment=True, workers=section.loader_workers,
+        config["train_shards"], section.batch_size, repeat=True, seed=training.data_seed(section.seed, step),
+        rank=rank, world=world, shuffle_buffer=section.shuffle_buffer, augment=True, workers=section.loader_workers,
     )
     validation = _validation_batch(config["val_shards"], section.val_samples) if rank == 0 else None
     tracking = training.worker_tracking(config)

@@ -80,9 +80,18 @@ def stream_seed(key: tuple[int, ...], rank: int, step: int) -> int:
     """The seed of one rank's training randomness (dropout, ...) from `step` on: `key` (the stage's seed, the level)
     names the model; every rank and every step a run starts or resumes from gets a stream of its own."""
     # Hashed, not summed: with a sum, one rank's stream after a resume could be another's from step 0.
+    return _hashed((tuple(key), rank, step))
+
+
+def data_seed(seed: int, step: int) -> int:
+    """The seed of an image stage's data order (the deal of the shards to the ranks, each pass) from `step` on:
+    the same on every rank, another for every step a run starts or resumes from."""
+    return _hashed(("data", seed, step))
+
+
+def _hashed(parts: tuple) -> int:
     # repr takes any int, a negative configured seed too.
-    digest = hashlib.blake2b(repr((tuple(key), rank, step)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 def seed_rank_stream(key: tuple[int, ...], rank: int, step: int) -> None:

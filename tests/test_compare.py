@@ -2,16 +2,21 @@
 headless Chromium (Debian's package) where the table, each run's sample grid and the chart must render."""
 
 import io
+import os
 import shutil
 import subprocess
+import types
 from html.parser import HTMLParser
 
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from conftest import BIN, free_port
 from jobs.cli import main as vq2
+from pipeline import runner
 from pipeline.compare import pipeline_runs
 from pipeline.config import parse_config
+from pipeline.storage import MANIFEST
 from pipeline.tracking import Tracker
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -114,3 +119,111 @@ def test_a_stage_that_did_not_finish_shows_its_params_not_its_metrics(mlflow_ser
     (run,) = pipeline_runs(MlflowClient(mlflow_server), "exp-compare-failed")
     assert run.status == "FAILED" and run.metrics == {"val_mse": 0.04}
     assert run.params == {"train_vqvae.lr": "0.1", "evaluate.k": "3"} and len(run.stage_runs) == 2
+
+
+def test_a_grown_dataset_under_the_encode_policy_shows_its_own_encode_not_the_pinned_one(mlflow_server, tmp_path,
+                                                                                         monkeypatch):
+    """Under `policy.on_new_data: encode` a grown dataset's invocation runs encode twice under its parent: on the
+    newest version (the night's own encode), then on the pinned first version that train_prior reads. The
+    comparison shows the newest version's encode metrics (seen failing on the old code: the pinned run, started
+    later, overwrote them). The real runner and MLflow; the stages are stand-ins that log what encode logs."""
+    monkeypatch.setattr(runner, "code_digest", lambda module: "c0de")
+    monkeypatch.setattr(runner, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(runner.cluster, "require", lambda demand, ray_cfg: None)
+    monkeypatch.setattr(runner, "cluster_size", lambda: 1)
+
+    def encode(cfg, ctx):
+        rows = ctx.upstream["shard"].manifest["splits"]["train"]
+        ctx.tracking.log_metrics({"rows": rows})
+        return {"rows": rows, "splits": {"train": rows}, "files": {"train": []}, "layout": {"grids": [[2, 2]]}}
+
+    def stage(name, section, upstream, run, trains=False):
+        return types.SimpleNamespace(NAME=name, SECTION=section, FORMAT_VERSION=1, UPSTREAM=upstream, TRAINS=trains,
+                                     run=run, __name__=f"fake_{name}")
+
+    trained = lambda cfg, ctx: {}  # noqa: E731
+    fakes = [stage("shard", "dataset", (), None), stage("train_vqvae", "train_vqvae", ("shard",), trained, True),
+             stage("encode", "encode", ("shard", "train_vqvae"), encode),
+             stage("train_prior", "train_prior", ("shard", "train_vqvae", "encode"), trained, True)]
+    monkeypatch.setattr(runner, "stages", lambda: {fake.NAME: fake for fake in fakes})
+    cfg = parse_config({"storage": {"root": str(tmp_path / "root")}, "dataset": {"source": "/nowhere"},
+                        "policy": {"on_new_data": "encode"},
+                        "mlflow": {"tracking_uri": mlflow_server, "experiment": "exp-compare-encode-policy",
+                                   "request_retries": 0, "system_metrics_s": 0}}, "grown.yaml")
+    # The shard stage finds the grown version (150 training images) complete; it grew from a first one (100).
+    grown = runner.stage_address(fakes[0], cfg, {})
+    first = "a" * 16
+    for location, fingerprint, base, rows in ((grown.location.parent / first, first, None, 100),
+                                              (grown.location, grown.fingerprint, first, 150)):
+        (location / MANIFEST).write_json({"fingerprint": fingerprint, "base": base, "splits": {"train": rows},
+                                          "shards": []})
+    runner.run_pipeline(cfg)
+
+    client = MlflowClient(mlflow_server)
+    (run,) = pipeline_runs(client, "exp-compare-encode-policy")
+    assert run.metrics["rows"] == 150
+    encodes = [found for found in map(client.get_run, run.stage_runs) if found.data.tags["stage"] == "encode"]
+    assert [(found.data.tags.get("role"), found.data.metrics["rows"]) for found in encodes] == [
+        (None, 150), ("training_input", 100)]
+
+
+def test_compare_and_promote_refuse_a_tracking_uri_with_credentials_and_never_print_them(mlflow_server, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """As the stages' preflight refuses it: MLflow repeats the URI in its errors (the old code printed `API request
+    to http://alice:s3cret@...`). Given, from the environment, and of a server that does not answer."""
+    tracker = tracker_for(mlflow_server, tmp_path / "root", "exp-compare-credentials")
+    parent = tracker.start_pipeline("run", "x: 1\n")
+    vqvae = tracker.start_stage("train_vqvae", "0123456789abcdef", {}, {"train_vqvae.lr": "0.1"})
+    vqvae.log_metrics({"val_mse": 0.04})
+    vqvae.finish()
+    tracker.finish_pipeline("FINISHED")
+    assert tracker.flush()
+    capsys.readouterr()
+    commands = {"compare": ["compare", "--experiment", "exp-compare-credentials"],
+                "promote": ["promote", "--experiment", "exp-compare-credentials", "--run", parent.run_id,
+                            "--alias", "champion"]}
+    given = [mlflow_server.replace("http://", "http://alice:s3cret@", 1),
+             f"http://alice:s3cret@127.0.0.1:{free_port()}"]  # nothing listens there
+    for name, command in commands.items():
+        for uri in given:
+            for store in (["--tracking-uri", uri], []):
+                with monkeypatch.context() as env:
+                    env.setenv("MLFLOW_TRACKING_URI", uri)
+                    assert vq2([*command, *store]) == 2, (name, uri, store)
+                captured = capsys.readouterr()
+                assert captured.err == (f"vq2 {name}: the MLflow tracking URI for 127.0.0.1 carries credentials: "
+                                        "give them in the environment (MLFLOW_TRACKING_USERNAME and "
+                                        "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), not in the URI\n")
+                assert "s3cret" not in captured.out
+
+
+def test_an_unreachable_tracking_server_is_one_line_in_seconds_not_a_traceback_after_minutes(tmp_path):
+    """MLflow's own HTTP retries bounded as the stages bound them (its defaults wait about 3.5 minutes), and its
+    error caught: the old compare gave a traceback after those minutes."""
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_HTTP_REQUEST_")}
+    for command in (["compare", "--experiment", "e"], ["promote", "--experiment", "e", "--run", "r", "--alias", "a"]):
+        done = subprocess.run([str(BIN / "vq2"), *command, "--tracking-uri", uri], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=150)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        last = done.stderr.splitlines()[-1]
+        assert last.startswith(f"vq2 {command[0]}: API request to {uri}/api/2.0/mlflow/") and "refused" in last, last
+
+
+def test_compare_masks_the_password_of_a_local_store_in_its_serve_hint(tmp_path, capsys, monkeypatch):
+    """A store that is not a server gets the hint `mlflow ui --backend-store-uri <store>`, with its password masked
+    (the old code printed it as given). In practice a database's (postgresql://user:password@host/db); here MLflow's
+    file store, the local store whose URI takes user info without a database server."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = tmp_path / "store"
+    client = MlflowClient(store.as_uri())
+    experiment = client.create_experiment("exp-local")
+    parent = client.create_run(experiment, tags={"command": "run"})
+    stage = client.create_run(experiment, tags={"mlflow.parentRunId": parent.info.run_id, "stage": "train_vqvae"})
+    client.log_metric(stage.info.run_id, "val_mse", 0.04)
+    for run in (stage, parent):
+        client.set_terminated(run.info.run_id)
+    assert vq2(["compare", "--experiment", "exp-local", "--tracking-uri", f"file://alice:s3cret@localhost{store}"]) == 0
+    captured = capsys.readouterr()
+    assert f"(serve the store first: mlflow ui --backend-store-uri file://alice:***@localhost{store})" in captured.out
+    assert "s3cret" not in captured.out + captured.err

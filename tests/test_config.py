@@ -18,6 +18,7 @@ def write(tmp_path, text: str) -> Path:
 
 
 MINIMAL = "storage: {root: runs/x}\ndataset: {source: data/x}\n"
+MINIMAL_TREE = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}}
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "fashion.yaml", "imagenet256.yaml", "ffhq1024.yaml"])
@@ -94,6 +95,38 @@ def test_override_without_value_is_an_error(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["dataset.shard_size"])
 
 
+@pytest.mark.parametrize("override, expected", [
+    ("dataset.splits=[train", r"while parsing a flow sequence; expected ',' or '\]'"),
+    ("mlflow.experiment=@nightly", "while scanning for the next token; found character '@' that cannot start any token"),
+    # YAML drops a comment: the run went under the name 'vq2', with no word said.
+    ("mlflow.experiment=vq2 #2", r"a '#' after a space starts a YAML comment.*\(mlflow.experiment='...'\)"),
+    ("dataset.shard_size=500 # smaller", "a '#' after a space starts a YAML comment"),
+    ("mlflow.experiment=#2", "a '#' after a space starts a YAML comment"),
+    ("train_vqvae.model={beta: 1, beta: 2}", "line 1: beta: expected: each key once in its section"),
+])
+def test_an_override_that_is_not_one_yaml_value_is_a_config_error(tmp_path, override, expected):
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(repr(override))}: not a YAML value: {expected}"):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_a_hash_quoted_or_within_a_word_stays_in_an_override(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["mlflow.experiment='vq2 #2'", "dataset.source=data/x#2"])
+    assert cfg.mlflow.experiment == "vq2 #2" and cfg.dataset.source.endswith("data/x#2")
+
+
+@pytest.mark.parametrize("text, line, first, key", [
+    (MINIMAL + "train_vqvae:\n  steps: 50000\n  num_workers: 4\ntrain_vqvae:\n  steps: 10\n", 6, 3, "train_vqvae"),
+    ("storage: {root: runs/x}\ndataset:\n  source: data/x\n  shard_size: 5\n  shard_size: 6\n", 5, 4, "dataset.shard_size"),
+    (MINIMAL + "train_prior:\n  models:\n    top: {channels: 64, channels: 32}\n", 5, 5, "train_prior.models.top.channels"),
+])
+def test_a_key_given_twice_in_a_file_is_an_error(tmp_path, text, line, first, key):
+    # YAML keeps the last silently: the first train_vqvae section's 50,000 steps and 4 workers were lost.
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line {line}: {re.escape(key)}: expected: each key "
+                                          rf"once in its section \(it is also at line {first};"):
+        load_config(path)
+
+
 def test_unreadable_yaml_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="pipeline.yaml: cannot read config"):
         load_config(write(tmp_path, "storage: [unclosed\n"))
@@ -152,6 +185,9 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "override 'dataset.shard_size=many': dataset.shard_size: expected: a valid integer" in error
     assert "Traceback" not in error
+    assert main(["status", "--config", str(write(tmp_path, MINIMAL)), "dataset.splits=[train"]) == 2
+    error = capsys.readouterr().err
+    assert "override 'dataset.splits=[train': not a YAML value" in error and "Traceback" not in error
 
 
 @pytest.mark.parametrize(
@@ -162,6 +198,19 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
         ("dataset.source", "s3:///corpus", "a URI with a bucket, s3://bucket/prefix"),
         ("dataset.listing", "s4://bucket/listing.txt", "a URI of a known scheme .*; 's4' is not one"),
         ("storage.root", "file://", "a URI with a path after '://'"),
+        # Stage leases work on file and S3 only: memory:// failed at the first stage, after the preflight passed.
+        ("storage.root", "memory://vq2/runs", r"a local path, file:///absolute/path or s3://bucket/prefix .*"
+                                              r"memory:// is not one"),
+        ("storage.root", "ftp://host/runs", "ftp:// is not one"),
+        # Relative to each process's working folder, unlike a plain relative path.
+        ("storage.root", "file://runs/x", r"file:///absolute/path \(three slashes\) or a plain local path"),
+        ("dataset.source", "file://data/x", r"file:///absolute/path \(three slashes\) or a plain local path"),
+        # Taken for a file in the working folder, they failed when a stage opened them.
+        ("sample.rejection.classifier", "efficientnet-lite0", r"'dataset', 'efficientnet_lite0', a registered model "
+                                                              r".*; 'efficientnet-lite0' is none of these"),
+        ("sample.rejection.classifier", "s3:/bucket/c.pt", r"\('://' is missing\)"),
+        ("evaluate.inception_weights", "inception", r"or null .*; 'inception' is none of these"),
+        ("evaluate.inception_weights", "s3:/bucket/w.pt", r"\('://' is missing\)"),
     ],
 )
 def test_malformed_storage_uris_name_file_key_and_expectation(tmp_path, key, uri, expected):
@@ -170,9 +219,11 @@ def test_malformed_storage_uris_name_file_key_and_expectation(tmp_path, key, uri
         load_config(path, [f"{key}={uri}"])
     assert f"override '{key}={uri}': {key}: expected: " in str(error.value)
     assert re.search(expected, str(error.value)) and f"(got '{uri}')" in str(error.value)
-    section, name = key.split(".")
-    tree = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}}
-    tree[section][name] = uri
+    *sections, name = key.split(".")
+    tree = node = {"storage": {"root": "runs/x"}, "dataset": {"source": "data/x"}}
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[name] = uri
     with pytest.raises(ConfigError, match=rf"pipeline.yaml: {key}: expected: .*\(got '{uri}'\)"):
         load_config(write(tmp_path, yaml.safe_dump(tree)))
 
@@ -183,6 +234,12 @@ def test_well_formed_storage_uris_pass():
     assert (cfg.storage.root, cfg.dataset.source, cfg.dataset.listing) == (
         "s3://bucket/runs", "memory://corpus", "file:///srv/listing.txt")
     assert cfg.storage.retry.attempts == 3 and cfg.storage.retry.backoff_s == 0.2
+    for classifier in ("dataset", "efficientnet_lite0", "models:/vq2-classifier@champion", "s3://b/c.pt"):
+        sample = {"rejection": {"classifier": classifier}}
+        assert parse_config({**MINIMAL_TREE, "sample": sample}, "inline").sample.rejection.classifier == classifier
+    local = parse_config({**MINIMAL_TREE, "sample": {"rejection": {"classifier": "ckpt/c.pt"}},
+                          "evaluate": {"inception_weights": "pt_inception.pt"}}, "inline")
+    assert local.sample.rejection.classifier.startswith("/") and local.evaluate.inception_weights.startswith("/")
 
 
 @pytest.mark.parametrize(
@@ -193,6 +250,9 @@ def test_well_formed_storage_uris_pass():
         ("mlflow.tracking_uri", "postgresql://vq2:wJalrSECRET@db.internal/mlflow", "postgresql://vq2:***@db.internal/mlflow"),
         ("storage.root", "s3://AKIAEXAMPLE:wJalrSECRET@bucket/runs", "s3://AKIAEXAMPLE:***@bucket/runs"),
         ("dataset.source", "https://me:wJalrSECRET@images.example.com/corpus", "https://me:***@images.example.com/corpus"),
+        # urlsplit raises on a '[' (an IPv6 host to it) and ends the host at a '#': both were accepted as they were.
+        ("mlflow.tracking_uri", "postgresql://alice:wJalr[SECRET@db/mlflow", "postgresql://alice:***@db/mlflow"),
+        ("mlflow.tracking_uri", "postgresql://alice:wJalr#SECRET@db/mlflow", "postgresql://alice:***@db/mlflow"),
     ],
 )
 def test_a_uri_with_a_password_is_refused_without_repeating_it(tmp_path, key, uri, redacted):
@@ -213,7 +273,10 @@ def test_redact_uri_hides_only_a_password():
     from pipeline.config import redact_uri
 
     assert redact_uri("https://user:pass@host:9000/path?q=1") == "https://user:***@host:9000/path?q=1"
-    for clean in ("s3://bucket/runs", "https://user@host/x", "/local/path", "sqlite:////tmp/mlflow.db", "auto"):
+    assert redact_uri("postgresql://alice:p]a[ss@db/mlflow") == "postgresql://alice:***@db/mlflow"
+    assert redact_uri("http://u:p@[::1]:80/x") == "http://u:***@[::1]:80/x"
+    for clean in ("s3://bucket/runs", "https://user@host/x", "https://user@host:9000/x", "/local/path",
+                  "sqlite:////tmp/mlflow.db", "auto", "models:/vq2@champion"):
         assert redact_uri(clean) == clean
 
 
@@ -226,6 +289,26 @@ def test_model_overrides_must_have_the_model_config_types(tmp_path, override, ke
     with pytest.raises(ConfigError) as error:
         load_config(write(tmp_path, MINIMAL), [override])
     assert f"override {override!r}: {key}: expected: {expected}" in str(error.value)
+
+
+@pytest.mark.parametrize("text, override, expected", [
+    # The misspelt key is in the file; the override only sets another key under the same field.
+    ("train_prior:\n  models:\n    bottom: {conditon_channels: 48}\n", "train_prior.models.top.num_layers=8",
+     "{path}: train_prior.models: expected: unknown model key(s) bottom.conditon_channels"),
+    ("train_prior:\n  models:\n    bottom: {conditon_channels: 48}\n", "train_prior.models.bottom.num_layerz=8",
+     "{path} and override 'train_prior.models.bottom.num_layerz=8': train_prior.models: expected: unknown model "
+     "key(s) bottom.conditon_channels, bottom.num_layerz"),
+    ("train_classifier:\n  model: {num_classes: 3}\n", "train_classifier.model.dropout=0.1",
+     "{path}: train_classifier.model: expected: num_classes comes from the dataset"),
+    ("evaluate:\n  sweep: [1.0, 2.0]\n", "evaluate.num_actors=4", "{path}: evaluate: expected: sweep values [2.0]"),
+    ("evaluate:\n  sweep: [0.5]\n", "evaluate.sweep=[2]", "override 'evaluate.sweep=[2]': evaluate: expected: sweep"),
+    ("", "trainer.steps=3", "override 'trainer.steps=3': trainer: unknown key"),
+])
+def test_an_error_is_blamed_on_what_set_the_offending_key(tmp_path, text, override, expected):
+    path = write(tmp_path, MINIMAL + text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, [override])
+    assert expected.format(path=path) in str(error.value)
 
 
 def test_model_overrides_are_stored_as_their_types_so_one_value_is_one_fingerprint(tmp_path):

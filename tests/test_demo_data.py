@@ -6,6 +6,7 @@ import http.server
 import shutil
 import socket
 import threading
+import tracemalloc
 from contextlib import contextmanager
 from functools import partial
 
@@ -123,3 +124,30 @@ def test_fashion_mnist_to_imagenet_layout(tmp_path, no_fashion_dir):
     image = Image.open(tmp_path / "corpus/train/ankle-boot/train-00000.png")
     assert (image.mode, image.size) == ("RGB", (32, 32))
     assert image.getpixel((0, 0)) == (0, 0, 0) and np.asarray(image).max() > 200
+
+
+def test_a_gzip_bomb_is_refused_without_being_decompressed_whole(tmp_path, no_fashion_dir, monkeypatch):
+    """A 64 MiB label file in a gzip of 64 KiB: no more than the published file's size (60,008 bytes) and a chunk is
+    decompressed (the old reader took all 64 MiB into memory, then compared checksums)."""
+    bomb = tmp_path / "train-labels-idx1-ubyte.gz"
+    with gzip.open(bomb, "wb") as stream:
+        for _ in range(64):
+            stream.write(bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 17
+    tracemalloc.start()
+    try:
+        with pytest.raises(demo_data.ChecksumError, match=f"{bomb}: decompresses to more than 60008 bytes"):
+            demo_data.verified_content(bomb, demo_data.FASHION_MNIST_FILES[bomb.name])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes"
+
+    # As the demo meets it: in FASHION_MNIST_DIR beside the real files.
+    installed = demo_data.fashion_mnist_dir()
+    for name in demo_data.FASHION_MNIST_FILES:
+        if name != bomb.name:
+            shutil.copy(installed / name, tmp_path / name)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(demo_data.ChecksumError, match="train-labels-idx1-ubyte.gz: decompresses to more than"):
+        demo_data.fashion_mnist(Location(str(tmp_path / "corpus")), per_class=1, val_per_class=1)

@@ -3,6 +3,7 @@ pipeline nightly on a cluster that fits it. (A job submitted to a real Ray head:
 
 import re
 import runpy
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -110,7 +111,10 @@ def test_the_rayjob_runs_the_pipeline_on_a_cluster_that_fits_it():
     cfg = load_config(REPO / config.removeprefix(IMAGE_REPO), [arg for arg in entrypoint if "=" in arg])
     assert cfg.storage.root.startswith("s3://") and cfg.policy.on_new_data == "encode"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
-    assert 0 < spec["activeDeadlineSeconds"] < 24 * 3600  # ends before the next night's job starts
+    # The job stops itself (KubeRay's deadline does not stop a Ray job), its cluster gone before the next night's.
+    stop_after = float(entrypoint[entrypoint.index("--stop-after-s") + 1])
+    assert 0 < stop_after < spec["activeDeadlineSeconds"] < 24 * 3600
+    assert stop_after + spec["ttlSecondsAfterFinished"] < 23 * 3600
     assert set(yaml.safe_load(spec["runtimeEnvYAML"])) == {"env_vars"}  # the dependencies are in the image
     ray_cluster = spec["rayClusterSpec"]
     assert ray_cluster["rayVersion"] == ray_pin()
@@ -166,3 +170,20 @@ def test_the_job_submit_target_takes_its_arguments_in_any_order(tmp_path, monkey
     assert ended.value.code == 0
     assert ran["preflight"] == ran["until"] == "encode"
     assert ran["cfg"].ray.address == "auto" and ran["cfg"].dataset.shard_size == 5
+
+
+
+def test_the_job_target_stops_itself_after_its_time_as_ray_job_stop_would(tmp_path, monkeypatch):
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "root")}, "dataset": {"source": str(tmp_path)}}))
+    monkeypatch.setattr(jobs.cli, "preflight", lambda cfg, until: None)
+    monkeypatch.setattr(jobs.cli, "run_pipeline", lambda *args, **kwargs: signal.pause())  # runs until stopped
+    monkeypatch.setattr(sys, "argv", ["jobs/submit.py", "--stop-after-s", "0.5", "--config", str(config)])
+    # The handler `vq2 run` installs, in place before the timer can fire, and this process's own put back after.
+    before = signal.signal(signal.SIGTERM, jobs.cli._stop)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            runpy.run_module("jobs.submit", run_name="__main__")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert ended.value.code == 143  # PipelineStopped: the stage and parent runs end KILLED, the leases released

@@ -1,6 +1,7 @@
 """The encode stage on real Ray and real storage (a local folder and the SeaweedFS S3 server): row counts,
 schema, decodability, caching, crash resume, and schema validation on read."""
 
+import dataclasses
 import io
 import json
 import os
@@ -14,13 +15,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import encode
 from pipeline.checkpoints import load_model
 from pipeline.codes import METADATA_KEY, CodesLayout, CodesSchemaError, codes_table, read_codes, table_tensors, write_codes
 from pipeline.dataset import Dataset
 from pipeline.encode import code_files, ray_dataset, read_split
-from pipeline.runner import run_pipeline
+from pipeline.config import to_yaml
+from pipeline.runner import StageResult, run_pipeline, run_stage
 from pipeline.shard_reader import batch_loader, to_model_range
 from pipeline.storage import Location
+from pipeline.tracking import Tracker, ended_status
 
 # The session's tiny pipeline: 8 classes x 24 train / 4 val images at 64 a shard, 3 train shards and 1 val shard.
 PER_CLASS, VAL_PER_CLASS, SHARDS = 24, 4, 4
@@ -184,6 +188,67 @@ def test_encode_on_the_s3_server_and_resume_after_a_crash(trained, tiny_pipeline
     s3_results = run_pipeline(cfg, only="encode")  # cached now; the upstream results as read from S3
     assert s3_results["encode"].cached
     check_output(second, s3_results["shard"], s3_results["train_vqvae"])
+
+
+def _made_by_another_vqvae(file: Location) -> None:
+    """Rewrite a code table as if a VQ-VAE of another fingerprint (the same grids and codebooks) had made it."""
+    layout, table = read_codes(file)
+    write_codes(file, table.replace_schema_metadata(dataclasses.replace(layout, vqvae_fingerprint="another")
+                                                    .schema().metadata))
+
+
+def _encode_stage(cfg, upstream: dict) -> StageResult:
+    """The encode stage on hand-picked upstream results (a dataset version run_pipeline would not choose)."""
+    tracker, error = Tracker(cfg), None
+    tracker.start_pipeline("run", to_yaml(cfg))
+    try:
+        return run_stage(encode, cfg, tracker, upstream)
+    except BaseException as caught:
+        error = caught
+        raise
+    finally:
+        tracker.finish_pipeline(ended_status(error))
+
+
+@pytest.mark.slow
+def test_a_root_reached_by_another_path_copies_and_resumes_tables_of_the_same_codes(trained, tiny_pipeline, tmp_path):
+    # The upstream outputs copied to a root of their own, reached later through a symlink as well: every
+    # fingerprint is the same by either path, the model's URI is not.
+    real, link = tmp_path / "real", tmp_path / "link"
+    shard, vqvae = trained["shard"], trained["train_vqvae"]
+    for result in (shard, vqvae):
+        shutil.copytree(result.location.path, real / result.name / result.fingerprint,
+                        ignore=shutil.ignore_patterns("ray_train"))
+    link.symlink_to(real)
+    first = run_pipeline(tiny_pipeline.config(storage={"root": str(real)}), only="encode")["encode"]
+    assert first.manifest["shards_encoded"] == SHARDS
+
+    # A grown version of the dataset (its shards are the first version's), encoded through the link: the
+    # earlier tables are copied, but for one made by another VQ-VAE, which is encoded again.
+    root = Location(str(link))
+    grown = StageResult("shard", "grown", root / "shard" / "grown",
+                        shard.manifest | {"fingerprint": "grown", "base": shard.fingerprint}, True)
+    (grown.location / "manifest.json").write_json(grown.manifest)
+    upstream = {"shard": grown, "train_vqvae": dataclasses.replace(
+        vqvae, location=root / "train_vqvae" / vqvae.fingerprint)}
+    _made_by_another_vqvae(first.location / first.manifest["files"]["train"][-1]["file"])
+    cfg = tiny_pipeline.config(storage={"root": root.uri})
+    second = _encode_stage(cfg, upstream)
+    assert second.location.uri.startswith(root.uri)
+    assert second.manifest["shards_reused"] == SHARDS - 1 and second.manifest["shards_encoded"] == 1
+    assert second.manifest["layout"]["vqvae_model"] == (upstream["train_vqvae"].location / "vqvae.pt").uri
+    assert len(code_files(second, "train")[0]) == SHARDS - 1  # the copies' footers name the model by the real path
+
+    # A crash, with a table in the output made by another VQ-VAE: the rerun resumes the others and makes that
+    # one again (copied from the first version, which has it).
+    (second.location / "manifest.json").remove()
+    foreign = second.location / second.manifest["files"]["val"][0]["file"]
+    _made_by_another_vqvae(foreign)
+    third = _encode_stage(cfg, upstream)
+    assert third.manifest["shards_resumed"] == SHARDS - 1 and third.manifest["shards_reused"] == 1
+    assert third.manifest["files"] == second.manifest["files"]
+    assert read_codes(foreign)[0].vqvae_fingerprint == vqvae.fingerprint
+    assert read_split(third, "val")[1].num_rows == 8 * VAL_PER_CLASS
 
 
 # ----------------------------------------------------------------------------------- schema validation

@@ -8,8 +8,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import section_config
 from pipeline.config import ConfigError, EvaluateConfig
-from pipeline.evaluate import PLOT, SUMMARY, external_inputs, frechet, headline_lines, inception_weights, keep_mask
-from pipeline.metrics import fid
+from pipeline.evaluate import (PLOT, SUMMARY, Features, external_inputs, frechet, headline_lines, inception_weights,
+                               keep_mask, real_inception_score)
+from pipeline.metrics import fid, inception_score
 
 NETS = ("inception_v3", "efficientnet_lite0", "classifier")
 
@@ -17,6 +18,25 @@ NETS = ("inception_v3", "efficientnet_lite0", "classifier")
 def _config(tmp_path, **evaluate):
     return section_config(tmp_path, evaluate=evaluate)
 
+
+
+def test_the_real_images_inception_score_is_taken_at_the_samples_count():
+    # The score falls with the count: samples drawn from the very distribution of the real images scored far
+    # below the real images' score over the whole split, from the count alone.
+    rng = np.random.default_rng(0)
+
+    def confident(n):  # one-hot-like logits over 10 equally likely classes
+        labels = rng.integers(0, 10, n)
+        return Features(np.arange(n).astype(str).astype(object), labels, np.zeros((n, 1), np.float32),
+                        np.eye(10, dtype=np.float32)[labels] * 20)
+
+    real, samples = confident(2000), confident(40)
+    section = EvaluateConfig()
+    sample_score = inception_score(samples.logits, section.is_splits)[0]
+    whole_split = inception_score(real.logits, section.is_splits)[0]
+    score, count = real_inception_score(real, len(samples), section)
+    assert count == 40 and abs(score - sample_score) < 1.0 < whole_split - sample_score
+    assert real_inception_score(real, 0, section) == (whole_split, 2000)  # no samples: the whole split
 
 def test_config_defaults_and_validation(tmp_path):
     cfg = _config(tmp_path)
@@ -257,10 +277,12 @@ def test_evaluate_end_to_end(tiny_pipeline, tmp_path):
         for name in ("fid", "fid_star", "fid_recon", "precision", "recall"):
             expected |= {f"{name}_{net}"} | {f"{name}_{net}_{part}" for part in ("n", "ref_n", "dim", "reliable", "floor")}
     expected |= {"is_efficientnet_lite0", "is_classifier", "is_real_efficientnet_lite0", "is_real_classifier"}
+    expected |= {"is_real_efficientnet_lite0_n", "is_real_classifier_n"}
     assert expected <= set(metrics), expected - set(metrics)
     assert manifest["not_computed"] == []
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["real_images"] == 16 and metrics["samples"] == 24 and metrics["accepted_samples"] == 16
+    assert metrics["is_real_classifier_n"] == metrics["is_classifier_n"] == 16
     assert 0 <= metrics["precision_inception_v3"] <= 1 and 0 <= metrics["cas_top1"] <= metrics["cas_top5"] <= 1
     # Each metric with the counts it compared: the accepted samples against the real images; the capped net on
     # its 8 of each; all of them too few for their feature dimensions here, and the summary says so.

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import demo_data
 from pipeline.config import parse_config
 from pipeline.encode import read_split
-from pipeline.faults import RetryPolicy, StorageUnavailable
+from pipeline.faults import RetryPolicy, StorageUnavailable, is_transient, with_retries
 from pipeline.runner import StageFailed, run_pipeline
 from pipeline.sample import read_samples
 from pipeline.storage import MANIFEST, Location
@@ -177,3 +177,30 @@ def test_encode_and_sample_with_transient_faults_make_what_clean_runs_make(tiny_
     assert read_samples(sampled.location, sampled.manifest["batches"], 2).equals(
         read_samples(reference.location, reference.manifest["batches"], 2))
     assert sum(proxy.injected.values()) > in_encode and set(proxy.injected) == set(KINDS), proxy.injected
+
+
+@pytest.mark.parametrize("error", [ValueError("Protocol not known: nosuch"), ImportError("Please install gcsfs"),
+                                   TypeError("bad argument"), KeyError("key"), NotImplementedError("no")])
+def test_an_error_of_the_program_or_its_config_is_raised_at_once_not_retried(error):
+    calls = []
+
+    def call():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(type(error)):
+        with_retries(call, RetryPolicy(attempts=8, backoff_s=0), "read x")
+    assert calls == [1] and not is_transient(error)
+
+
+def test_storage_errors_that_can_pass_stay_transient():
+    # An expired token reads like a bad signature (PermissionError); a full disk, a reset or a timeout are OSErrors.
+    for error in (PermissionError("signature"), OSError(28, "No space left on device"), ConnectionResetError(),
+                  TimeoutError()):
+        assert is_transient(error), error
+
+
+def test_a_location_of_an_unknown_protocol_is_refused_at_once():
+    # Was retried 8 times (half a minute of waits) and reported as "failed 8 time(s) with transient errors".
+    with pytest.raises(ValueError, match="Protocol not known: nosuch"):
+        Location("nosuch://bucket/x", retry=RetryPolicy(attempts=8, backoff_s=0)).read_bytes()

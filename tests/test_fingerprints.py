@@ -60,7 +60,7 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 def test_editing_a_model_changes_its_training_stage_and_everything_downstream_only(tree_and_corpus):
     folder, corpus, base = tree_and_corpus
     tree = edited_copy(folder, "vqvae-edit", [
-        ("models/vqvae.py", "sides = [bottom // 2**level", "sides = [bottom // 2 ** int(level)"),
+        ("models/vqvae.py", "bottom = image_size // self.bottom_downsample", "bottom = int(image_size) // self.bottom_downsample"),
         # Comments, docstrings and layout are not code: the shard stage keeps its cache.
         ("pipeline/shard.py", '"""The shard stage:', '# A comment.\n"""The sharding stage:'),
         ("pipeline/shard.py", "    return data, record\n", "    return (data,\n            record)  # the same\n"),
@@ -86,6 +86,18 @@ def test_editing_how_stages_report_their_work_reruns_no_stage(tree_and_corpus):
         ("pipeline/progress.py", "\nlog = ", "\nLINE_NOTE = 1\nlog = "),
     ])
     assert changed(base, fingerprints(tree, folder, corpus)) == set()
+
+
+def test_rewording_a_config_description_reruns_no_stage_and_an_operational_key_only_runs(tree_and_corpus):
+    folder, corpus, base = tree_and_corpus
+    tree = edited_copy(folder, "description-edit", [
+        ("pipeline/config.py", 'description="encoder actors, each holding one VQ-VAE"',
+         'description="encoder actors, each holding a VQ-VAE of its own"'),
+    ])
+    assert changed(base, fingerprints(tree, folder, corpus)) == set()
+    cfg = load_config(REPO / "configs/tiny.yaml", [f"storage.root={folder / 'root'}", f"dataset.source={corpus}",
+                                                     "encode.loader_workers=3"])
+    assert {row["stage"]: row["fingerprint"] for row in pipeline_status(cfg)} == base  # rows in the tar's order
 
 
 def test_a_stage_runs_its_own_modules_and_the_models_it_imports():

@@ -125,3 +125,58 @@ def test_the_local_lease_file_reaches_the_disk_before_it_replaces_the_old_one(tm
     assert lease.try_acquire() is None
     lease.release()
     assert any(os.path.basename(path).startswith(f"{LEASE}.tmp-") for path in synced), synced
+
+
+def hang_renewals(lease: Lease) -> tuple[threading.Event, threading.Event, list]:
+    """Hold `lease`'s renewals (not its acquisition) in the real backend call until `go` is set, as a renewal
+    retrying for minutes on S3 would; returns (a renewal is hanging, go, the lease read right after each one)."""
+    take, hanging, go, after = lease._backend.take, threading.Event(), threading.Event(), []
+
+    def hung_take(*args, **kwargs):
+        if threading.current_thread() is not lease._renewer:
+            return take(*args, **kwargs)
+        hanging.set()
+        assert go.wait(60)
+        try:
+            return take(*args, **kwargs)
+        finally:
+            after.append(read_lease(lease.location.parent))
+
+    lease._backend.take = hung_take
+    return hanging, go, after
+
+
+def test_a_renewal_that_finds_its_lease_released_by_the_run_that_took_it_over_does_not_recreate_it(output):
+    """A's renewal hangs past its expiry; B takes the lease over, finishes and releases it; A's renewal then goes
+    through (was: it created the lease again, A was not told it lost it and wrote the manifest over B's output)."""
+    held = Lease(output, ttl_s=0.6)
+    hanging, go, after = hang_renewals(held)
+    assert held.try_acquire() is None
+    assert hanging.wait(30)
+    with stage_lease(output, 60, lambda: False, poll_s=0.01, stage="shard") as other:  # waits out A's expiry
+        assert other is not None and read_lease(output)["owner"] == other.owner
+    assert read_lease(output) is None
+    go.set()
+    held.release()  # stops the renewer once the renewal that was hanging has gone through
+    assert after[0] is None  # not A's lease again
+    with pytest.raises(LeaseLost, match="taken over by another run, which has released it since"):
+        held.check()
+    assert read_lease(output) is None
+
+
+def test_a_holder_whose_renewal_hangs_past_the_expiry_counts_its_lease_lost(output):
+    """While A's renewal still hangs (on S3: retried for longer than the time to live), B may hold the lease and
+    write: A must not write the manifest even though its renewer has not answered yet (was: check() passed)."""
+    held = Lease(output, ttl_s=0.6)
+    hanging, go, _ = hang_renewals(held)
+    assert held.try_acquire() is None
+    assert hanging.wait(30)
+    with stage_lease(output, 60, lambda: False, poll_s=0.01, stage="shard") as other:
+        assert other is not None
+        with pytest.raises(LeaseLost, match="expired .* while its renewals failed"):
+            held.check()
+        go.set()
+        held.release()
+        assert read_lease(output)["owner"] == other.owner  # A neither renewed nor removed B's lease
+    with pytest.raises(LeaseLost, match=f"taken over by {other.owner}"):
+        held.check()

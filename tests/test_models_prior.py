@@ -103,6 +103,8 @@ def test_missing_inputs_are_clear_errors():
         PriorConfig(kernel_size=4)
     with pytest.raises(ValueError, match="power-of-two"):
         CodePrior(prior_tiny_lower(grid=(8, 8), above=((3, 3),)))
+    with pytest.raises(ValueError, match="power-of-two"):  # built, then a shape error at the first forward
+        CodePrior(prior_tiny_lower(grid=(5, 4), above=((2, 2),)))
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,9 @@ def test_bad_configs_are_rejected():
         VQVAEConfig(levels=0)
     with pytest.raises(ValueError, match="does not divide"):
         VQVAEConfig(levels=3).grid_shapes(8)
+    # 34 px floored to 8x8 bottom codes, and the decoder gave back 32x32 images (a shape error in the loss).
+    with pytest.raises(ValueError, match="multiple of 8"):
+        vqvae_tiny().grid_shapes(34)
     with pytest.raises(ValueError, match="code grids"):
         VQVAE(vqvae_tiny()).decode_codes([torch.zeros(1, 4, 4, dtype=torch.long)])
 

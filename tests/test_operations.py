@@ -175,6 +175,21 @@ def test_bad_command_line_input_is_one_line_and_a_non_zero_exit(tmp_path, capsys
     assert err.count("\n") == 1 and f"dataset.source {tmp_path / 'nowhere'}: not found" in err
 
 
+def test_verify_of_what_is_not_a_dataset_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    """A dataset's manifest file given for its folder (was a NotADirectoryError traceback), an unknown protocol
+    (was retried for half a minute as a transient error), a manifest of another stage's output."""
+    folder = tmp_path / "not-a-dataset"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"stage": "encode"}')
+    cases = {str(folder / "manifest.json"): "Not a directory", "nosuch://bucket/x": "Protocol not known: nosuch",
+             str(folder): "not a dataset (its manifest has no 'shards')"}
+    for uri, reason in cases.items():
+        assert vq2(["verify", uri]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"vq2 verify: {uri}: ") and captured.err.count("\n") == 1, captured.err
+        assert reason in captured.err and "transient" not in captured.err and not captured.out
+
+
 def test_a_stage_run_alone_before_its_input_exists_says_in_one_line_what_makes_it(tmp_path, capsys):
     demo_data.synthetic(Location(str(tmp_path / "corpus")), 1, 1, size=(8, 8), classes=2)
     config = tmp_path / "fresh.yaml"

@@ -1,6 +1,7 @@
 """MLflow-native records against the real MLflow server: registered models that load without unpickling code
 (and refuse a tampered file), promotion by alias, dataset inputs and system metrics."""
 
+import dataclasses
 import io
 import json
 import pickle
@@ -178,3 +179,92 @@ def test_models_register_in_the_runs_own_local_store(tiny_pipeline):
         versions = client.search_model_versions(f"name = '{name}'")
         assert versions, name
         assert {client.get_run(version.run_id).data.tags["stage"] for version in versions} == {stage}
+
+
+def test_sampling_refuses_priors_trained_on_another_vqvaes_codes(registered_vqvae, mlflow_server, tmp_path, caplog):
+    """Another training of the VQ-VAE preset makes codes of the same grids and codebook size that mean other
+    pictures: sampling refuses priors that learned the codes of a VQ-VAE other than the one that decodes (the
+    train_prior manifest's layout names it, a prior file records it). The old code only compared the shapes, and
+    took the decoding VQ-VAE's fingerprint for the priors'. A prior file from before it was recorded is taken with
+    a warning."""
+    from models.classifier import ResNetClassifier, classifier_tiny
+    from models.prior import CodePrior
+    from pipeline.codes import CodesLayout
+    from pipeline.config import TrainPriorConfig
+    from pipeline.train_prior import prior_configs
+
+    cfg, vqvae_run, _, vqvae_file = registered_vqvae
+    client = MlflowClient(mlflow_server)
+    (version,) = client.search_model_versions(f"run_id = '{vqvae_run}'")
+    vqvae_uri, fingerprint, other = f"models:/{version.name}/{version.version}", "0123456789abcdef", "9999aaaa9999aaaa"
+    root, classes = Location(str(tmp_path / "trained")), ["a", "b"]
+    vqvae = load_model(vqvae_file, "vqvae")[0]
+    grids = vqvae.cfg.grid_shapes(32)
+    torch.manual_seed(0)
+    priors = {name: CodePrior(config) for name, config in prior_configs(
+        TrainPriorConfig(), CodesLayout(grids, [vqvae.cfg.codebook_size] * 2, "unused", "unused"), 2).items()}
+    save_model(root / "classifier/classifier.pt", "classifier", ResNetClassifier(classifier_tiny(2)), classes=classes)
+    classifier = StageResult("train_classifier", "c", root / "classifier", {"model": "classifier.pt", "classes": classes},
+                             True)
+
+    def pipeline_priors(learned_from):
+        layout = CodesLayout(grids, [vqvae.cfg.codebook_size] * 2, (root / "vqvae.pt").uri, learned_from)
+        for name, model in priors.items():
+            save_model(root / f"priors/{name}/prior.pt", "prior", model, level=name, step=1, classes=classes)
+        manifest = {"layout": dataclasses.asdict(layout), "classes": classes,
+                    "levels": {name: {"model": f"{name}/prior.pt", "prior_config": {"num_classes": 2}} for name in priors}}
+        return StageResult("train_prior", "p", root / "priors", manifest, True)
+
+    def registered_priors(**extra):
+        """Register the priors as a train_prior run would, their files with `extra`; their URIs, top first."""
+        pairing = server_config(tmp_path / "root", mlflow_server, "pairing")
+        tracker = Tracker(pairing)
+        tracker.start_pipeline("run", "x: 1\n")
+        stage = tracker.start_stage("train_prior", "fedcba9876543210", {}, {})
+        ctx = SimpleNamespace(tracking=stage, fingerprint="fedcba9876543210", name="train_prior")
+        for name, model in priors.items():
+            file = root / f"registered-{stage.run_id}/{name}.pt"
+            save_model(file, "prior", model, level=name, step=1, classes=classes, **extra)
+            registry.register(ctx, pairing, "prior", file, model.cfg, level=name)
+        stage.finish()
+        tracker.finish_pipeline("FINISHED")
+        assert tracker.refused == [] and tracker.backlog() == []
+        versions = {v.tags["level"]: v for v in client.search_model_versions(f"run_id = '{stage.run_id}'")}
+        return [f"models:/{versions[name].name}/{versions[name].version}" for name in priors]
+
+    def sampling(upstream, **section):
+        taking = cfg.model_copy(update={"sample": cfg.sample.model_copy(update=section)})
+        tracker = Tracker(taking)
+        tracker.start_pipeline("run", "x: 1\n")
+        stage = tracker.start_stage("sample", "0011223344556677", {}, {})
+        ctx = SimpleNamespace(external=sample.external_inputs(taking)[1], upstream=upstream, tracking=stage,
+                              output=Location(str(tmp_path / "sample" / stage.run_id)))
+        try:
+            return sample.sampling_models(taking, ctx)[1]
+        finally:
+            stage.finish()
+            tracker.finish_pipeline("FINISHED")
+
+    refused = (rf"learned the codes of the VQ-VAE of fingerprint {other}; the samples would be decoded by "
+               rf"{vqvae_uri} \(version {version.version}\), fingerprint {fingerprint}")
+    # The pipeline's priors, learned from another VQ-VAE's codes, and a registered VQ-VAE: refused.
+    upstream = {"train_prior": pipeline_priors(other), "train_classifier": classifier}
+    with pytest.raises(ValueError, match=r"the train_prior stage's priors in .*" + refused):
+        sampling(upstream, vqvae=vqvae_uri)
+    assert sampling({**upstream, "train_prior": pipeline_priors(fingerprint)}, vqvae=vqvae_uri).vqvae_fingerprint == fingerprint
+
+    # Registered priors: their files say whose codes they learned.
+    with pytest.raises(ValueError, match=r"models:/exp-pairing.vq2-prior-top/\d+ \(version \d+\) and "
+                                         r"models:/exp-pairing.vq2-prior-bottom/\d+ \(version \d+\) " + refused):
+        sampling({"train_classifier": classifier}, vqvae=vqvae_uri, priors=registered_priors(vqvae_fingerprint=other))
+    matching = registered_priors(vqvae_fingerprint=fingerprint)
+    assert sampling({"train_classifier": classifier}, vqvae=vqvae_uri, priors=matching).vqvae_fingerprint == fingerprint
+    save_model(root / "vqvae/vqvae.pt", "vqvae", vqvae, step=1, image_size=32)
+    pipeline_vqvae = StageResult("train_vqvae", other, root / "vqvae", {"model": "vqvae.pt"}, True)
+    with pytest.raises(ValueError, match=rf"fingerprint {fingerprint}; the samples would be decoded by the "
+                                         rf"train_vqvae stage's .*vqvae.pt, fingerprint {other}"):
+        sampling({"train_vqvae": pipeline_vqvae, "train_classifier": classifier}, priors=matching)
+    # A prior file from before they recorded it: the shapes are checked, and the unchecked pairing is said.
+    caplog.set_level("WARNING", logger="vq2")
+    assert sampling({"train_classifier": classifier}, vqvae=vqvae_uri, priors=registered_priors()).grids == tuple(grids)
+    assert "do not record which VQ-VAE's codes they learned" in caplog.text

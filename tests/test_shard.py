@@ -197,6 +197,22 @@ def test_growth_is_append_only(ray_local, tracking_uri, tmp_path):
     assert v3.manifest["counts"]["accepted"] == len(v2_index) + 4 * 2
 
 
+def test_a_shard_whose_every_input_was_rejected_is_left_to_no_reader(ray_local, tracking_uri, tmp_path):
+    # A growth of one corrupt file makes a shard of no sample. A trainer's rank dealt only that shard waited
+    # forever for a batch, and the other ranks in their all-reduce until the collective timed out.
+    source = Location(str(tmp_path / "corpus"))
+    demo_data.synthetic(source, per_class=4, val_per_class=2, size=(40, 40), classes=2)
+    cfg = make_config(tmp_path / "root", source.path, tracking_uri)
+    v1 = run_pipeline(cfg, only="shard")["shard"]
+    (tmp_path / "corpus" / "train" / v1.manifest["classes"][0] / "broken.jpg").write_bytes(b"not an image")
+    v2 = Dataset.open(run_pipeline(cfg, only="shard")["shard"].location)
+    empty = [s for s in v2.manifest["shards"] if s["samples"] == 0]
+    assert len(empty) == 1 and v2.manifest["counts"]["rejected"] == 1
+    assert v2.shard_location(empty[0]) not in v2.shards("train")
+    assert v2.shards("train") == [location for location, _ in v2.shard_sizes("train")]
+    assert sum(samples for _, samples in v2.shard_sizes("train")) == 2 * 4
+
+
 def _image(path: Path, color=(200, 30, 30)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (40, 40), color).save(path)

@@ -30,6 +30,9 @@ def test_priors_learn_below_the_uniform_baseline(tiny_pipeline):
     # Label i is the class of that name: the file says so for whoever takes the prior from the Model Registry.
     classes = run_pipeline(cfg, only="shard")["shard"].manifest["classes"]
     assert extra["classes"] == manifest["classes"] == classes and len(classes) == top.cfg.num_classes
+    # And the VQ-VAE whose codes it learned: sampling refuses to decode its codes with another.
+    assert extra["vqvae_fingerprint"] == manifest["layout"]["vqvae_fingerprint"] == run_pipeline(
+        cfg, only="train_vqvae")["train_vqvae"].fingerprint
 
     client = MlflowClient(tiny_pipeline.tracking_uri)
     run = client.get_run(manifest["run_id"])
@@ -203,6 +206,25 @@ def test_each_pass_deals_every_code_row_to_exactly_one_rank(tmp_path):
         assert all(len({r // 6 for r in rank_rows}) == 2 for rank_rows in rows)  # two whole files each
 
 
+def test_a_negative_seed_deals_the_code_rows_like_any_other(tmp_path):
+    # The config takes any int; numpy's generators refuse a negative entry, which failed every rank's first batch.
+    import torch
+
+    from pipeline.codes import CodesLayout, code_pieces, codes_table, rank_batches, write_codes
+    from pipeline.storage import Location
+
+    layout = CodesLayout(grids=[(1, 1)], codebook_sizes=[64], vqvae_model="none", vqvae_fingerprint="none")
+    file = Location(str(tmp_path / "codes.parquet"))
+    rows = torch.arange(16, dtype=torch.int16)
+    write_codes(file, codes_table([f"c/{r}" for r in range(16)], [0] * 16, [rows[:, None, None]], layout))
+
+    def first_rows(seed):
+        return next(rank_batches(code_pieces([file], [16], 1), layout, 16, 16, seed, 0, 1))[1][0].flatten().tolist()
+
+    assert sorted(first_rows((-1, 0, 0))) == list(range(16))
+    assert first_rows((-1, 0, 0)) == first_rows((-1, 0, 0)) != first_rows((1, 0, 0))
+
+
 def test_every_rank_and_resume_step_gets_its_own_torch_seed():
     from pipeline.training import stream_seed
 
@@ -231,6 +253,7 @@ def _train_top_prior_in_process(monkeypatch, tmp_path, rank: int, state: dict | 
 
     from models.prior import prior_tiny_top
     from pipeline import train_prior
+    from pipeline.codes import CodesLayout
     from pipeline.config import TrainPriorConfig
     from pipeline.storage import Location
     from pipeline.tracking import StageRun
@@ -247,7 +270,8 @@ def _train_top_prior_in_process(monkeypatch, tmp_path, rank: int, state: dict | 
     rng_states = []
     monkeypatch.setattr(train_prior, "maybe_inject_fault", lambda *args: rng_states.append(torch.get_rng_state()))
     config = {"cfg": types.SimpleNamespace(train_prior=TrainPriorConfig(steps=steps, log_every=1)), "pieces": None,
-              "layout": None, "output": Location(str(tmp_path)), "fault": None, "classes": [str(c) for c in range(10)]}
+              "layout": CodesLayout(((4, 4),), (64,), "vqvae.pt", "0123456789abcdef"), "output": Location(str(tmp_path)),
+              "fault": None, "classes": [str(c) for c in range(10)]}
     train_prior._train_level(config, 0, "top", dataclasses.replace(prior_tiny_top(), dropout=0.5), state,
                              StageRun(None, None), None, torch.device("cpu"))
     return rng_states
