@@ -2,22 +2,27 @@
 headless Chromium (Debian's package) where the table, each run's sample grid and the chart must render."""
 
 import io
+import json
 import os
 import shutil
 import subprocess
+import sys
 import types
+from pathlib import Path
 from html.parser import HTMLParser
 
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import BIN, free_port
+from conftest import free_port
 from jobs.cli import main as vq2
 from pipeline import runner
 from pipeline.compare import pipeline_runs
 from pipeline.config import parse_config
 from pipeline.storage import MANIFEST
 from pipeline.tracking import Tracker
+
+REPO = Path(__file__).resolve().parent.parent
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--virtual-time-budget=10000"]
@@ -202,12 +207,17 @@ def test_an_unreachable_tracking_server_is_one_line_in_seconds_not_a_traceback_a
     error caught: the old compare gave a traceback after those minutes."""
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_HTTP_REQUEST_")}
-    for command in (["compare", "--experiment", "e"], ["promote", "--experiment", "e", "--run", "r", "--alias", "a"]):
-        done = subprocess.run([str(BIN / "vq2"), *command, "--tracking-uri", uri], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=150)
-        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        last = done.stderr.splitlines()[-1]
-        assert last.startswith(f"vq2 {command[0]}: API request to {uri}/api/2.0/mlflow/") and "refused" in last, last
+    commands = [["compare", "--experiment", "e"], ["promote", "--experiment", "e", "--run", "r", "--alias", "a"]]
+    # Both commands in one fresh interpreter (what `vq2` runs), each answering on the last line of stderr so far.
+    script = ("import json, sys\nfrom jobs.cli import main\nfor command in json.loads(sys.argv[1]):\n"
+              "    print('exit', main(command), file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([[*c, "--tracking-uri", uri] for c in commands])],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=150)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    answers = [line for line in done.stderr.splitlines() if line.startswith("vq2 ") or line.startswith("exit ")]
+    for (command, *_), (answer, exit_line) in zip(commands, zip(answers[::2], answers[1::2])):
+        assert exit_line == "exit 2", done.stderr
+        assert answer.startswith(f"vq2 {command}: API request to {uri}/api/2.0/mlflow/") and "refused" in answer, answer
 
 
 def test_compare_masks_the_password_of_a_local_store_in_its_serve_hint(tmp_path, capsys, monkeypatch):
