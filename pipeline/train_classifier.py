@@ -87,7 +87,8 @@ def _val_batches(pieces: list[tuple[Location, int | None]], workers: int):
 
 
 @torch.no_grad()
-def _validate(model: ResNetClassifier, pieces: list[tuple[Location, int | None]], dev, workers: int) -> dict[str, float]:
+def _validate(model: ResNetClassifier, pieces: list[tuple[Location, int | None]], dev,
+              workers: int) -> dict[str, float]:
     """Every rank scores its own val pieces; the sums are all-reduced."""
     model.eval()
     _sync_buffers_from_rank0(model)
