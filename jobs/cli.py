@@ -10,7 +10,6 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from mlflow.exceptions import MlflowException
 
@@ -25,7 +24,7 @@ from pipeline.compare import compare
 from pipeline.registry import promote
 from pipeline.runner import StageFailed, StageIncomplete, pipeline_status, run_pipeline, stages
 from pipeline.storage import Location
-from pipeline.tracking import PipelineStopped, tracking_uri
+from pipeline.tracking import PipelineStopped, bound_http_requests, credentials_in_uri, tracking_uri
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 DEMO_PER_CLASS, DEMO_VAL_PER_CLASS = 600, 100  # images per class written into the demo corpus
@@ -268,15 +267,9 @@ def _store(args: argparse.Namespace) -> str:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ValueError("give --tracking-uri, --config or MLFLOW_TRACKING_URI")
-    parsed = urlsplit(uri)
-    # Refused as the stages' preflight refuses it: MLflow repeats the URI in its errors, password and all.
-    if parsed.scheme in ("http", "https") and (parsed.username or parsed.password):
-        raise ValueError(f"the MLflow tracking URI for {parsed.hostname} carries credentials: give them in the "
-                         "environment (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-                         "MLFLOW_TRACKING_TOKEN), not in the URI")
-    # As the stages bound them: MLflow's defaults (7 retries, growing waits) hold an unreachable server for minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.request_retries))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.request_timeout_s))
+    if (problem := credentials_in_uri(uri)) is not None:  # refused as the stages' preflight refuses it
+        raise ValueError(problem)
+    bound_http_requests(settings)
     return uri
 
 

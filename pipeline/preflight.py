@@ -33,7 +33,7 @@ from pipeline.config import PipelineConfig
 from pipeline.feature_nets import EFFICIENTNET_LITE0, INCEPTION, load_feature_net
 from pipeline.runner import _needed_upstream, ensure_ray, pipeline_status, stages
 from pipeline.storage import Location
-from pipeline.tracking import check_credentials, configured_tracking_uri, tracking_uri
+from pipeline.tracking import check_credentials, configured_tracking_uri, credentials_in_uri, tracking_uri
 
 log = logging.getLogger("vq2")
 
@@ -89,9 +89,8 @@ def tracking_problem(cfg: PipelineConfig, where: str) -> str | None:
     parsed = urlsplit(uri)
     if parsed.scheme not in ("http", "https"):
         return None
-    if parsed.username or parsed.password:
-        return (f"the MLflow tracking URI for {parsed.hostname} carries credentials: give them in the environment "
-                "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), not in the URI")
+    if (problem := credentials_in_uri(uri)) is not None:
+        return problem
     credentials = get_default_host_creds(uri)
     if parsed.scheme == "http" and (credentials.username or credentials.token) and not _loopback(parsed.hostname):
         return f"MLflow credentials would cross the network in clear text to {uri}: use https://"

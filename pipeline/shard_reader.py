@@ -100,7 +100,8 @@ def read_tar(location: Location, wanted: Callable[[int, str], bool] | None = Non
             yield _to_tensors(sample)
 
 
-def _collate(batch):
+def collate(batch: list[tuple[str, torch.Tensor, int]]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, images uint8 (B, 3, H, W), labels (B,)) of a list of samples."""
     keys, images, labels = zip(*batch)
     return list(keys), torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
@@ -118,7 +119,7 @@ def batch_loader(shards: list[Location], batch_size: int, *, repeat: bool, seed:
     pipeline = sample_pipeline(shards, repeat=repeat, seed=seed, rank=rank, world=world,
                                shuffle_buffer=shuffle_buffer, augment=augment)
     return DataLoader(
-        pipeline, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        pipeline, batch_size=batch_size, num_workers=workers, collate_fn=collate,
         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
     )
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
-from pipeline.config import PipelineConfig
+from pipeline.config import MlflowConfig, PipelineConfig
 from pipeline.storage import Location
 
 # mlflow is imported where a call needs it, not here: every process that runs a stage's code imports this
@@ -105,6 +106,22 @@ def _is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
+def bound_http_requests(settings: MlflowConfig) -> None:
+    """MLflow's HTTP retries and timeout as configured (unless the environment sets them): its defaults (7 retries,
+    growing waits) hold each call to an unreachable server for minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.request_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(settings.request_timeout_s))
+
+
+def credentials_in_uri(uri: str) -> str | None:
+    """Why a tracking server's URI is refused, or None: credentials in it, which MLflow repeats in its errors."""
+    parsed = urlsplit(uri)
+    if parsed.scheme in ("http", "https") and (parsed.username or parsed.password):
+        return (f"the MLflow tracking URI for {parsed.hostname} carries credentials: give them in the environment "
+                "(MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN), not in the URI")
+    return None
+
+
 def check_credentials(uri: str, timeout_s: float) -> None:
     """One authenticated read on the tracking server at `uri` (an experiment search, which any user may make):
     raises MlflowException with the server's answer when it refuses or fails it."""
@@ -150,9 +167,7 @@ class Tracker:
     """The MLflow calls of one process, delivered in order, queued and retried through outages."""
 
     def __init__(self, cfg: PipelineConfig):
-        # Without these, an unreachable server holds each call for minutes of MLflow's own retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(cfg.mlflow.request_retries))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.mlflow.request_timeout_s))
+        bound_http_requests(cfg.mlflow)
         self.cfg = cfg
         self.uri = tracking_uri(cfg)
         if cfg.storage.endpoint_url:

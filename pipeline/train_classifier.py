@@ -26,7 +26,7 @@ from pipeline.config import PipelineConfig, TrainClassifierConfig
 from pipeline.dataset import Dataset
 from pipeline.faults import fault_spec, maybe_inject_fault
 from pipeline.metrics import accuracy_scores
-from pipeline.shard_reader import batch_loader, read_tar, to_model_range
+from pipeline.shard_reader import batch_loader, collate, read_tar, to_model_range
 from pipeline.storage import Location
 
 # Ray Train streams worker logs to the driver's console once (a print is teed and shows twice).
@@ -83,7 +83,8 @@ def _val_batches(pieces: list[tuple[Location, int | None]], workers: int):
         if count is not None:
             samples = itertools.islice(read_tar(shard), count)
             while batch := list(itertools.islice(samples, VAL_BATCH)):
-                yield torch.stack([image for _, image, _ in batch]), torch.tensor([label for _, _, label in batch])
+                _, images, labels = collate(batch)
+                yield images, labels
 
 
 @torch.no_grad()
